@@ -1,0 +1,255 @@
+"""Typed dataclass configs: YAML loading, ``key.sub=value`` overrides, validation.
+
+Every experiment config is a tree of dataclasses. ``load_config(cls, path,
+overrides)`` reads a YAML file, applies command-line overrides and builds the
+tree, checking every key and type on the way. Errors are ``ConfigError`` and
+name the offending key and the file it came from.
+
+Fields may carry ``metadata={"help": ...}``; ``describe(cls)`` prints them.
+A dataclass may define ``validate(self)`` for cross-field checks; it runs after
+construction, on every nested level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "apply_overrides", "parse_overrides",
+           "save_config", "describe", "field"]
+
+
+class ConfigError(ValueError):
+    """A bad config: unknown key, wrong type or invalid value (message names key and source)."""
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str = "", default_factory: Any = dataclasses.MISSING):
+    """``dataclasses.field`` with a help string in its metadata (peft style)."""
+    kwargs: dict[str, Any] = {"metadata": {"help": help}}
+    if default_factory is not dataclasses.MISSING:
+        kwargs["default_factory"] = default_factory
+    else:
+        kwargs["default"] = default
+    return dataclasses.field(**kwargs)
+
+
+def _where(key: str, source: str | None) -> str:
+    return f"'{key}'" + (f" in {source}" if source else "")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp`` or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{_where(key, source)}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{_where(key, source)}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{_where(key, source)}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, source=source, prefix=key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{_where(key, source)}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{_where(key, source)}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{_where(key, source)}: expected a mapping, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(k, kt, key, source): _coerce(v, vt, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{_where(key, source)}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{_where(key, source)}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{_where(key, source)}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{_where(key, source)}: expected a string, got {value!r}")
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise ConfigError(f"{_where(key, source)}: expected a path, got {value!r}")
+    if isinstance(value, tp):
+        return value
+    raise ConfigError(f"{_where(key, source)}: expected {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], source: str | None = None, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_where(prefix or '<root>', source)}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown key {_where(full, source)}; valid keys here: {sorted(fields)}")
+        kwargs[key] = _coerce(value, hints[key], full, source)
+    missing = [n for n, f in fields.items() if n not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required key(s) {[f'{prefix}.{m}' if prefix else m for m in missing]}"
+                          + (f" in {source}" if source else ""))
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(f"{_where(prefix or '<root>', source)}: {err}") from None
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain YAML-safe structure (paths as strings, tuples as lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    """``["a.b=3", "c=[1,2]"]`` -> ``[("a.b", 3), ("c", [1, 2])]``; values parsed as YAML."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of ``data`` with dotted overrides applied (intermediate mappings created)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for key, value in parse_overrides(overrides):
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{key}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                defaults: dict[str, Any] | None = None) -> T:
+    """Read YAML ``path`` (optional), apply ``key.sub=value`` overrides, build ``cls``.
+
+    Errors name the key and ``path`` (or "command line" for an override).
+    """
+    data: dict[str, Any] = dict(defaults or {})
+    source = None
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        data.update(loaded)
+    if overrides:
+        # Check override keys against the schema on their own so that the error
+        # blames the command line, not the file.
+        from_dict_keys_only(cls, apply_overrides({}, overrides), "command line")
+        data = apply_overrides(data, overrides)
+    return from_dict(cls, data, source=source + " (with command-line overrides)" if source and overrides else source)
+
+
+def from_dict_keys_only(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Raise ConfigError for keys in ``data`` that ``cls`` does not have (types not checked)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"unknown key {_where(full, source)}; valid keys here: {sorted(names)}")
+        tp = hints[key]
+        sub = next((a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)), None)
+        if sub is not None and isinstance(value, dict):
+            from_dict_keys_only(sub, value, source, full)
+
+
+def save_config(obj: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    tmp.replace(path)
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per field: ``key (type, default): help``; nested dataclasses expanded."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(describe(tp, full + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        lines.append(f"{full} ({_type_name(tp)}, default {default!r}): {f.metadata.get('help', '')}")
+    return lines
