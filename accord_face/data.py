@@ -1,0 +1,285 @@
+"""Training-side reader for the face shards written by ``data_pipelines``.
+
+One sample per face image (see README "Preparing shards"):
+``jpg`` training image, ``txt`` caption, ``<recognizer>.npy`` normalised
+identity embedding (``sface.npy`` 128-d, ``arcface.npy`` 512-d), ``json`` metadata.
+
+``build_dataset`` returns a WebDataset pipeline (a torch ``IterableDataset``):
+
+    shard list (deterministic order in (seed, epoch); or resampled)
+      -> split by node (rank) -> split by worker
+      -> tar members -> samples          (corrupt shard: counted, warned, skipped)
+      -> shuffle buffer (raw bytes: shuffle before decode, deterministic)
+      -> skip the first N samples        (resume)
+      -> decode, resize / centre-crop, optional flip -> dict of tensors
+
+Ranks see disjoint shards; a resumed run passes ``skip`` = samples this rank
+already consumed in the epoch, and ``set_epoch`` changes the order per epoch.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import random
+import re
+import zlib
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+__all__ = ["list_shards", "read_manifest", "build_dataset", "collate", "ShardDataset", "ReadStats",
+           "decode_sample", "MANIFEST_NAME"]
+
+MANIFEST_NAME = "manifest.json"
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+# ---------------------------------------------------------------- shard lists
+def list_shards(spec: str | os.PathLike | list[str]) -> list[str]:
+    """Resolve a shard spec to a list of tar paths.
+
+    ``spec``: a directory (its ``*.tar``, sorted), a glob (``out/*.tar``), a brace
+    pattern (``out/faces-{000000..000009}.tar``), a comma-free list of any of these.
+    Raises FileNotFoundError naming the spec when nothing matches.
+    """
+    if isinstance(spec, (list, tuple)):
+        out: list[str] = []
+        for item in spec:
+            out.extend(list_shards(item))
+        if not out:
+            raise FileNotFoundError(f"no shards found for {spec!r}")
+        return out
+    text = os.fspath(spec)
+    if os.path.isdir(text):
+        found = sorted(glob.glob(os.path.join(text, "*.tar")))
+    elif _BRACE.search(text):
+        found = [p for p in wds.shardlists.expand_urls(text) if os.path.exists(p) or "://" in p]
+    elif any(ch in text for ch in "*?["):
+        found = sorted(glob.glob(text))
+    else:
+        found = [text] if os.path.isfile(text) else []
+    if not found:
+        raise FileNotFoundError(
+            f"no shards found for {text!r}: pass a folder holding *.tar, a glob or a brace pattern "
+            "such as out/faces-{000000..000009}.tar (write shards with scripts/prepare_shards.py)")
+    return found
+
+
+def read_manifest(shards_dir: str | os.PathLike) -> dict | None:
+    """``shards_dir/manifest.json`` as a dict, or None when there is none (a tar path: its folder)."""
+    folder = Path(shards_dir)
+    if folder.is_file() or folder.suffix == ".tar":
+        folder = folder.parent
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); rerun scripts/prepare_shards.py to rewrite it") from None
+
+
+# ---------------------------------------------------------------- stages
+@dataclass
+class ReadStats:
+    """Counts of what the reader tolerated (per process: each DataLoader worker has its own)."""
+
+    errors: int = 0
+    bad_shards: set = dc_field(default_factory=set)
+    messages: list = dc_field(default_factory=list)
+
+    def handler(self, exn: Exception) -> bool:
+        """wds handler: count and warn, never stop (a corrupt shard or sample is skipped)."""
+        self.errors += 1
+        urls = [a for a in getattr(exn, "args", ()) if isinstance(a, str) and a.endswith(".tar")]
+        self.bad_shards.update(urls)
+        msg = f"{type(exn).__name__}: {str(exn)[:300]}"
+        if len(self.messages) < 100:
+            self.messages.append(msg)
+        log.warning("skipping unreadable shard data (%d so far): %s", self.errors, msg)
+        return True
+
+
+def _mix(*parts: int) -> int:
+    """A stable 63-bit seed from integers (python's hash of ints is stable, of str is not)."""
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + int(p)) & 0x7FFF_FFFF_FFFF_FFFF
+    return seed
+
+
+class _State:
+    def __init__(self, seed: int, epoch: int):
+        self.seed, self.epoch = seed, epoch
+
+
+def _shard_source(urls: list[str], state: _State, resampled: bool) -> Callable[[], Iterator[dict]]:
+    def source() -> Iterator[dict]:
+        if resampled:
+            # Every rank/worker draws its own endless stream (no node split needed).
+            rank, world, worker, nworkers = wds.utils.pytorch_worker_info()
+            rng = random.Random(_mix(state.seed, state.epoch, rank, worker, 17))
+            while True:
+                yield {"url": rng.choice(urls)}
+        order = list(urls)
+        # Same permutation on every rank (seed, epoch only), then ranks take disjoint slices.
+        random.Random(_mix(state.seed, state.epoch)).shuffle(order)
+        for url in order:
+            yield {"url": url}
+    return source
+
+
+def _shuffle(bufsize: int, state: _State) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        if bufsize <= 1:
+            yield from src
+            return
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(_mix(state.seed, state.epoch, rank, worker, 29))
+        buf: list[dict] = []
+        for sample in src:
+            buf.append(sample)
+            if len(buf) >= bufsize:
+                i = rng.randrange(len(buf))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+    return stage
+
+
+def _skip(n: int) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        _, _, worker, nworkers = wds.utils.pytorch_worker_info()
+        # With W DataLoader workers the rank's stream interleaves W worker streams:
+        # each worker drops its share of the N already-consumed samples.
+        mine = n // nworkers + (1 if worker < n % nworkers else 0)
+        for i, sample in enumerate(src):
+            if i >= mine:
+                yield sample
+    return stage
+
+
+def _find_embedding_key(sample: dict) -> str:
+    keys = [k for k in sample if k.endswith(".npy")]
+    if len(keys) != 1:
+        raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: expected one *.npy "
+                       f"embedding member, found {keys}; pass embedding_key=")
+    return keys[0]
+
+
+def load_image(data: bytes, resolution: int, flip: bool = False) -> torch.Tensor:
+    """JPEG bytes -> (3, R, R) float tensor in [-1, 1] (shorter side resized to R, centre crop)."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = resolution / min(w, h)
+        if (w, h) != (resolution, resolution):
+            im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                           Image.Resampling.BICUBIC)
+            left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+            im = im.crop((left, top, left + resolution, top + resolution))
+        if flip:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        arr = np.asarray(im, dtype=np.uint8)  # (R, R, 3)
+    tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()  # (3, R, R)
+    return tensor / 127.5 - 1.0
+
+
+def decode_sample(sample: dict, *, resolution: int, embedding_key: str | None = None,
+                  flip: bool = False) -> dict:
+    """Raw shard sample (bytes per member) -> training dict."""
+    key = embedding_key or _find_embedding_key(sample)
+    if key not in sample:
+        raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no '{key}' member "
+                       f"(members: {sorted(k for k in sample if not k.startswith('__'))})")
+    emb = np.load(io.BytesIO(sample[key]), allow_pickle=False).astype(np.float32).reshape(-1)  # (D,)
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
+    return {
+        "__key__": sample["__key__"],
+        "pixel_values": load_image(sample["jpg"], resolution, flip),  # (3, R, R)
+        "caption": caption,
+        "face_embedding": torch.from_numpy(emb),  # (D,)
+        "meta": meta,
+    }
+
+
+class ShardDataset(wds.DataPipeline):
+    """A ``wds.DataPipeline`` with ``set_epoch`` and read ``stats`` (errors, bad shards)."""
+
+    def __init__(self, *stages: Any, state: _State, stats: ReadStats, urls: list[str]):
+        super().__init__(*stages)
+        self._state, self.stats, self.urls = state, stats, urls
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reorder shards and shuffle for ``epoch`` (call before iterating each epoch)."""
+        self._state.epoch = int(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._state.epoch
+
+
+def build_dataset(shards: str | list[str], *, resolution: int, embedding_key: str | None = None,
+                  shuffle_buffer: int = 256, seed: int = 0, epoch: int = 0, split_by_node: bool = True,
+                  split_by_worker: bool = True, resampled: bool = False, random_flip: bool = False,
+                  skip: int = 0) -> ShardDataset:
+    """WebDataset pipeline yielding ``{"__key__", "pixel_values" (3,R,R) in [-1,1], "caption",
+    "face_embedding" (D,), "meta"}``; see the module docstring for the stage order.
+
+    ``embedding_key`` None: the manifest's ``embedding_key`` (next to the first shard), else
+    the single ``*.npy`` member of each sample.
+    """
+    if resolution <= 0:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+    urls = list_shards(shards)
+    if embedding_key is None:
+        manifest = read_manifest(Path(urls[0]).parent)
+        if manifest is not None:
+            embedding_key = manifest.get("embedding_key")
+    state, stats = _State(seed, epoch), ReadStats()
+
+    stages: list[Any] = [_shard_source(urls, state, resampled)]
+    if split_by_node and not resampled:
+        stages.append(wds.split_by_node)
+    if split_by_worker and not resampled:
+        stages.append(wds.split_by_worker)
+    stages.append(wds.tarfile_to_samples(handler=stats.handler))
+    stages.append(_shuffle(shuffle_buffer, state))
+    if skip > 0:
+        stages.append(_skip(skip))
+
+    def decode(sample: dict) -> dict:
+        flip = False
+        if random_flip:
+            digest = zlib.crc32(sample["__key__"].encode())  # stable across processes, unlike hash(str)
+            flip = random.Random(_mix(state.seed, state.epoch, digest)).random() < 0.5
+        return decode_sample(sample, resolution=resolution, embedding_key=embedding_key, flip=flip)
+
+    stages.append(wds.map(decode, handler=stats.handler))
+    return ShardDataset(*stages, state=state, stats=stats, urls=urls)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Batch decoded samples: tensors stacked (B, ...), captions / keys / meta as lists."""
+    if not samples:
+        raise ValueError("collate got an empty batch")
+    return {
+        "__key__": [s["__key__"] for s in samples],
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # (B, 3, R, R)
+        "caption": [s["caption"] for s in samples],
+        "face_embedding": torch.stack([s["face_embedding"] for s in samples]),  # (B, D)
+        "meta": [s["meta"] for s in samples],
+    }
