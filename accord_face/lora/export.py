@@ -1,0 +1,173 @@
+"""Export in diffusers' LoRA layout, and resumable training checkpoints.
+
+Export (``<output_dir>/lora``):
+- ``pytorch_lora_weights.safetensors`` written by ``StableDiffusionPipeline.save_lora_weights``
+  from ``get_peft_model_state_dict`` + ``convert_state_dict_to_diffusers``. The
+  peft ``LoraConfig`` (rank, ``lora_alpha``, targets) goes into the safetensors
+  metadata (``lora_adapter_metadata``), which ``load_lora_weights`` reads back,
+  so alpha != rank reloads with the trained scale.
+- ``learned_embeds.safetensors`` (``{token: (1, D)}``) when a token was learned,
+  loadable by ``pipe.load_textual_inversion(folder, weight_name=...)``.
+
+Checkpoints (``<output_dir>/checkpoints/step-NNNNNN``): the trainable weights
+(safetensors), the optimizer state and ``state.json``; each is written under a
+temporary folder name and renamed when complete, so the newest folder is always
+a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .models import LoraModels
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TOKEN_WEIGHTS = "learned_embeds.safetensors"
+CHECKPOINT_PREFIX = "step-"
+
+
+def _adapter_metadata(model: torch.nn.Module) -> dict:
+    """The peft LoraConfig as a JSON-safe dict (sets -> sorted lists)."""
+    meta = model.peft_config["default"].to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
+
+
+def _has_lora(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "peft_config", None))
+
+
+def _replace_dir(tmp: Path, folder: Path) -> None:
+    """Move the finished ``tmp`` folder to ``folder``, replacing any old one."""
+    old = None
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def learned_token_state(models: LoraModels) -> dict[str, torch.Tensor]:
+    """{token: (k, D)} for the learned token(s), in diffusers' textual-inversion layout."""
+    if not models.placeholder_ids:
+        return {}
+    table = models.text_encoder.get_input_embeddings().weight
+    token = models.tokenizer.convert_ids_to_tokens(models.placeholder_ids[0])
+    return {token: table[models.placeholder_ids].detach().float().cpu().clone()}
+
+
+def export_lora(models: LoraModels, folder: str | Path) -> Path:
+    """Write the diffusers-loadable LoRA (and learned token) to ``folder``, atomically."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        def layers(model):
+            sd = get_peft_model_state_dict(model)
+            return convert_state_dict_to_diffusers({k: v.detach().float().cpu() for k, v in sd.items()})
+
+        te = models.text_encoder if _has_lora(models.text_encoder) else None
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=layers(models.unet), text_encoder_lora_layers=layers(te) if te else None,
+            unet_lora_adapter_metadata=_adapter_metadata(models.unet),
+            text_encoder_lora_adapter_metadata=_adapter_metadata(te) if te else None,
+            weight_name=LORA_WEIGHTS, safe_serialization=True,
+        )
+        token = learned_token_state(models)
+        if token:
+            save_file(token, str(tmp / TOKEN_WEIGHTS))
+        _replace_dir(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_into_pipeline(pipe, folder: str | Path):
+    """Load an exported folder into a ``StableDiffusionPipeline`` (token first, then LoRA)."""
+    folder = Path(folder)
+    if (folder / TOKEN_WEIGHTS).is_file():
+        pipe.load_textual_inversion(str(folder), weight_name=TOKEN_WEIGHTS)
+    pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS)
+    return pipe
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+
+def trainable_state(models: LoraModels) -> dict[str, torch.Tensor]:
+    """Every trainable weight, prefixed by component (peft names, adapter name removed)."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(models.unet).items()}
+    if _has_lora(models.text_encoder):
+        state.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(models.text_encoder).items()})
+    if models.placeholder_ids:
+        state["token_embedding"] = models.text_encoder.get_input_embeddings().weight[models.placeholder_ids]
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+
+def load_trainable_state(models: LoraModels, state: dict[str, torch.Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    result = set_peft_model_state_dict(models.unet, part("unet."))
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+    if missing:
+        raise ValueError(f"checkpoint LoRA keys do not match the UNet (different lora.rank/targets?): {missing[:3]}")
+    if _has_lora(models.text_encoder):
+        set_peft_model_state_dict(models.text_encoder, part("text_encoder."))
+    if models.placeholder_ids:
+        with torch.no_grad():
+            table = models.text_encoder.get_input_embeddings().weight
+            table[models.placeholder_ids] = state["token_embedding"].to(table)
+
+
+def save_checkpoint(root: str | Path, step: int, models: LoraModels, optimizer: torch.optim.Optimizer,
+                    extra: dict, keep: int = 2) -> Path:
+    """Write ``root/step-NNNNNN`` atomically and prune all but the newest ``keep``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        save_file(trainable_state(models), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+        _replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints (with state.json), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def load_checkpoint(path: str | Path, models: LoraModels, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore weights and optimizer from a checkpoint folder; returns its state.json."""
+    path = Path(path)
+    load_trainable_state(models, load_file(str(path / "trainable.safetensors")))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    return json.loads((path / "state.json").read_text())

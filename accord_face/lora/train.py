@@ -1,0 +1,186 @@
+"""The LoRA training loop (single process or ``accelerate launch``).
+
+    refs  = prompts + images (metadata / captions / templates; or a synthetic set)
+    step  : instance (+ class) micro-batches -> loss_terms -> backward -> all-reduce -> AdamW
+    every : log terms (logs.jsonl), checkpoint + export (lora/), validation grid
+
+Gradients are averaged across processes by hand (``accelerator.reduce``)
+instead of wrapping the UNet in DDP: only the LoRA weights train, DDLoss may
+skip steps (unused parameters), and the reference branches must call the
+unwrapped peft model anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import save_config
+from .config import LoraTrainConfig
+from .data import ReferenceSet, class_image_batch, make_synthetic_references
+from .export import export_lora, list_checkpoints, load_checkpoint, save_checkpoint
+from .models import LoraModels, load_models, restore_frozen_embeddings, trainable_parameters
+from .objective import Batch, loss_terms
+from .prompts import build_references, describe_sources
+from .sampling import ensure_class_images, generate, save_grid
+
+
+def vae_scale(models: LoraModels) -> int:
+    return 2 ** (len(models.vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def encode_images(models: LoraModels, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> scaled VAE latents (B, 4, H/f, W/f), fp32."""
+    dist = models.vae.encode(pixels.to(models.device, models.vae.dtype)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+    return ((dist.mean + dist.std * noise) * models.vae.config.scaling_factor).float()
+
+
+def make_batch(models: LoraModels, refset: ReferenceSet, class_paths, cfg: LoraTrainConfig, index: int) -> Batch:
+    """Micro-batch number ``index`` of this process: a pure function of (seed, index)."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_033 + index)
+    pixels, prompts = refset.batch(index, cfg.batch_size)
+    latents = encode_images(models, pixels, gen)
+    T = models.scheduler.config.num_train_timesteps
+    batch = Batch(latents, prompts, torch.randn(latents.shape, generator=gen),
+                  torch.randint(0, T, (latents.shape[0],), generator=gen))
+    if class_paths:
+        cpix, cprompts = class_image_batch(class_paths, cfg.prior.class_prompt, index, cfg.batch_size,
+                                           refset.resolution, cfg.data, cfg.seed)
+        batch.class_latents = encode_images(models, cpix, gen)
+        batch.class_noise = torch.randn(batch.class_latents.shape, generator=gen)
+        batch.class_timesteps = torch.randint(0, T, (cfg.batch_size,), generator=gen)
+    return batch
+
+
+def prepare_references(cfg: LoraTrainConfig, out: Path, resolution: int, log) -> list:
+    folder = cfg.data.reference_dir
+    if folder is None:
+        folder = out / "references"
+        if not (folder / ".complete").is_file():
+            make_synthetic_references(folder, cfg.data.synthetic, cfg.data.synthetic_count,
+                                      size=max(96, resolution), seed=cfg.seed)
+            (folder / ".complete").write_text("")
+        log(f"[lora] synthetic '{cfg.data.synthetic}' reference set: {folder}")
+    refs = build_references(folder, cfg.data)
+    log(f"[lora] {describe_sources(refs)} ({folder})")
+    if cfg.textual_inversion.enabled:
+        ti = cfg.textual_inversion
+        refs = [dataclasses.replace(r, prompts=r.prompts.replace_word(ti.replace, ti.token)) for r in refs]
+    first = refs[0].prompts
+    log(f"[lora] prompts of {refs[0].image.name}: joint={first.joint!r} target={first.target!r} "
+        f"context={first.context!r} empty=''")
+    return refs
+
+
+def train_lora(cfg: LoraTrainConfig, log=print) -> dict:
+    """Train, checkpoint, export; returns paths and the last logged terms."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no")
+    main = accelerator.is_main_process
+    log = log if main else (lambda *a, **k: None)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed + accelerator.process_index)
+
+    models = load_models(cfg, accelerator.device)
+    resolution = cfg.resolution or models.unet.config.sample_size * vae_scale(models)
+    cfg = dataclasses.replace(cfg, resolution=resolution)
+    if main:
+        save_config(cfg, out / "config.yaml")
+    log(f"[lora] base model {cfg.pretrained_model} -> {models.pretrained}; resolution {resolution}; "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}")
+    refs = prepare_references(cfg, out, resolution, log) if main else None
+    accelerator.wait_for_everyone()
+    if not main:
+        refs = prepare_references(cfg, out, resolution, log)
+    refset = ReferenceSet(refs, resolution, cfg.data, cfg.seed)
+
+    class_paths = []
+    if cfg.prior.enabled:
+        class_dir = Path(cfg.prior.class_dir or out / "class_images")
+        if main:
+            ensure_class_images(models, class_dir, cfg.prior.class_prompt, cfg.prior.num_images,
+                                cfg.prior.inference_steps, cfg.seed, log)
+        accelerator.wait_for_everyone()
+        class_paths = [class_dir / f"class-{i:04d}.png" for i in range(cfg.prior.num_images)]
+
+    groups = trainable_parameters(models, cfg.learning_rate, cfg.textual_inversion.learning_rate, cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups)
+    log(f"[lora] trainable parameters: {sum(p.numel() for p in params):,}")
+
+    start = 0
+    ckpt_root = out / "checkpoints"
+    if cfg.resume and list_checkpoints(ckpt_root):
+        newest = list_checkpoints(ckpt_root)[-1]
+        start = load_checkpoint(newest, models, optimizer)["step"]
+        log(f"[lora] resumed from {newest} (step {start})")
+
+    models.unet.train()
+    log_path = out / "logs.jsonl"
+    last: dict = {}
+    grid = None
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not main, desc="lora")
+    for step in bar:
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        for micro in range(cfg.gradient_accumulation):
+            index = (step * cfg.gradient_accumulation + micro) * accelerator.num_processes + accelerator.process_index
+            batch = make_batch(models, refset, class_paths, cfg, index)
+            with accelerator.autocast():
+                terms, stats = loss_terms(models, batch, cfg, step,
+                                          torch.Generator().manual_seed(cfg.seed * 31 + index))
+            accelerator.backward(terms["loss"] / cfg.gradient_accumulation)
+            for k, v in list(terms.items()) + list(stats.items()):
+                sums[k] = sums.get(k, 0.0) + float(torch.as_tensor(v).detach()) / cfg.gradient_accumulation
+        if accelerator.num_processes > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        restore_frozen_embeddings(models)
+        done = step + 1
+        last = {"step": done, **sums, "sec_per_step": time.perf_counter() - t0}
+        bar.set_postfix(loss=f"{sums['loss']:.4f}", **({"dd": f"{sums['dd']:.3g}"} if "dd" in sums else {}))
+        if main and (done % cfg.log_every == 0 or done == cfg.max_steps or done == start + 1):
+            with log_path.open("a") as f:
+                f.write(json.dumps(last) + "\n")
+            log("[lora] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+        if main and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
+            save_checkpoint(ckpt_root, done, models, optimizer, {"loss": sums["loss"]}, cfg.keep_checkpoints)
+            export_lora(models, out / "lora")
+        if main and ((cfg.validation.every and done % cfg.validation.every == 0) or done == cfg.max_steps):
+            grid = validation_grid(models, cfg, out / "validation" / f"step-{done:06d}.png")
+        accelerator.wait_for_everyone()
+
+    if main and not (out / "lora").is_dir():  # resumed a finished run: export what the checkpoint holds
+        export_lora(models, out / "lora")
+    accelerator.wait_for_everyone()
+    log(f"[lora] LoRA weights: {out / 'lora'}" + (f"; validation grid: {grid}" if grid else ""))
+    return {"output_dir": str(out), "lora_dir": str(out / "lora"), "grid": str(grid) if grid else None,
+            "last": last, "start_step": start}
+
+
+def validation_grid(models: LoraModels, cfg: LoraTrainConfig, path: Path) -> Path:
+    """One row per validation prompt (learned token substituted), ``images_per_prompt`` columns."""
+    prompts = list(cfg.validation.prompts)
+    if cfg.textual_inversion.enabled:
+        from .prompts import PromptSet
+
+        ti = cfg.textual_inversion
+        prompts = [PromptSet(p, "", "").replace_word(ti.replace, ti.token).joint for p in prompts]
+    images = generate(models, prompts, cfg.validation.images_per_prompt, cfg.validation.inference_steps,
+                      cfg.validation.guidance_scale, cfg.seed)
+    return save_grid(images, len(prompts), path)
