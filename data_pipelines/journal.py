@@ -1,0 +1,178 @@
+"""Atomic, resumable shard output: tar files committed through an append-only journal.
+
+``OUTDIR/.journal.jsonl`` is the source of truth. Its first line holds the settings;
+every later line commits either a finished shard together with the inputs it
+holds, or a batch of skipped inputs. A shard is written as ``.<name>.tmp``,
+fsynced, renamed to its final name, and only then journalled. On restart:
+
+- inputs named in the journal are done (kept or skipped) and are not redone;
+- a final-named tar that the journal does not list (killed between rename and
+  journal append) and every ``*.tmp`` are deleted, then rewritten;
+- a torn last journal line (killed mid-write) is ignored.
+
+So a kill at any point never duplicates a sample and never leaves a partial
+shard under a final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import webdataset as wds
+
+JOURNAL = ".journal.jsonl"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp name + rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class SettingsMismatch(ValueError):
+    pass
+
+
+class ShardJournal:
+    """Writes ``<prefix>-%06d.tar`` shards of ``shard_size`` samples, resumably."""
+
+    def __init__(self, outdir: str | os.PathLike, prefix: str, shard_size: int, settings: dict[str, Any]):
+        self.outdir = Path(outdir)
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.shard_size, self.settings = prefix, shard_size, settings
+        self.path = self.outdir / JOURNAL
+        self.shards: list[dict] = []  # committed: {"name", "samples", "sha256"}
+        self.done: set[str] = set()
+        self.skipped: list[dict] = []
+        self._load()
+        self._clean()
+        self._writer: wds.TarWriter | None = None
+        self._tmp: Path | None = None
+        self._pending_inputs: list[str] = []
+        self._pending_skips: list[dict] = []
+        self._count = 0
+
+    # -- restart -------------------------------------------------------------
+    def _load(self) -> None:
+        if not self.path.exists():
+            self._append({"settings": self.settings})
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a kill: everything after it is uncommitted
+        if not records or "settings" not in records[0]:
+            raise SettingsMismatch(f"{self.path} is not a shard journal; choose an empty --output folder")
+        if records[0]["settings"] != self.settings:
+            old, new = records[0]["settings"], self.settings
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise SettingsMismatch(f"{self.outdir} was started with different settings ({', '.join(diff)}); "
+                                   "rerun with the same options to resume, or use a new --output folder")
+        for rec in records[1:]:
+            if rec.get("shard"):
+                self.shards.append(rec["shard"])
+            self.done.update(rec.get("inputs", []))
+            self.skipped.extend(rec.get("skipped", []))
+        # Rewrite without a torn tail so later appends start on a clean line.
+        if len(records) != len(lines):
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
+
+    def _clean(self) -> None:
+        committed = {s["name"] for s in self.shards}
+        pattern = re.compile(rf"^{re.escape(self.prefix)}-\d{{6}}\.tar$")
+        for entry in self.outdir.iterdir():
+            stale_final = pattern.match(entry.name) and entry.name not in committed
+            if stale_final or (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                entry.unlink()
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    # -- writing -------------------------------------------------------------
+    def add_sample(self, source: str, sample: dict) -> None:
+        if self._writer is None:
+            name = f"{self.prefix}-{len(self.shards):06d}.tar"
+            self._tmp = self.outdir / f".{name}.tmp"
+            self._writer = wds.TarWriter(str(self._tmp))
+            self._name = name
+        self._writer.write(sample)
+        self._pending_inputs.append(source)
+        self._count += 1
+        if self._count >= self.shard_size:
+            self.commit_shard()
+
+    def add_skip(self, source: str, reason: str, detail: str = "") -> None:
+        self._pending_skips.append({"source": source, "reason": reason, "detail": detail})
+        if len(self._pending_skips) >= 256:  # skips need no shard: commit them in batches
+            self._commit_skips()
+
+    def _commit_skips(self) -> None:
+        if self._pending_skips:
+            skips, self._pending_skips = self._pending_skips, []
+            self._append({"shard": None, "inputs": [s["source"] for s in skips], "skipped": skips})
+            self.skipped.extend(skips)
+
+    def commit_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        with open(self._tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        final = self.outdir / self._name
+        info = {"name": self._name, "samples": self._count, "sha256": file_sha256(self._tmp)}
+        os.replace(self._tmp, final)
+        _fsync_dir(self.outdir)
+        self._append({"shard": info, "inputs": self._pending_inputs, "skipped": []})
+        self.shards.append(info)
+        self._writer, self._tmp, self._pending_inputs, self._count = None, None, [], 0
+
+    def finish(self) -> None:
+        """Commit the last (short) shard and any pending skips."""
+        self.commit_shard()
+        self._commit_skips()
+
+    def write_skipped_report(self, path: Path | None = None) -> Path:
+        path = path or self.outdir / "skipped.jsonl"
+        atomic_write_text(path, "".join(json.dumps(s) + "\n" for s in self.skipped))
+        return path
+
+    @staticmethod
+    def iter_pending(items: Iterable, done: set[str]) -> Iterable:
+        return (item for item in items if item.source not in done)

