@@ -159,12 +159,16 @@ def _shuffle(bufsize: int, state: _State) -> Callable[[Iterable[dict]], Iterator
     return stage
 
 
-def _skip(n: int) -> Callable[[Iterable[dict]], Iterator[dict]]:
+def _skip(n: int, batch_size: int | None) -> Callable[[Iterable[dict]], Iterator[dict]]:
     def stage(src: Iterable[dict]) -> Iterator[dict]:
         _, _, worker, nworkers = wds.utils.pytorch_worker_info()
-        # With W DataLoader workers the rank's stream interleaves W worker streams:
-        # each worker drops its share of the N already-consumed samples.
-        mine = n // nworkers + (1 if worker < n % nworkers else 0)
+        # With W DataLoader workers the rank's stream interleaves the W worker streams
+        # batch by batch (worker w makes batches w, w+W, ...): each worker drops its share.
+        unit = batch_size or 1
+        units = n // unit
+        mine = (units // nworkers + (1 if worker < units % nworkers else 0)) * unit
+        if worker == units % nworkers:
+            mine += n % unit  # a partial unit (skip not a multiple of batch_size) goes to the next worker
         for i, sample in enumerate(src):
             if i >= mine:
                 yield sample
@@ -235,12 +239,17 @@ class ShardDataset(wds.DataPipeline):
 def build_dataset(shards: str | list[str], *, resolution: int, embedding_key: str | None = None,
                   shuffle_buffer: int = 256, seed: int = 0, epoch: int = 0, split_by_node: bool = True,
                   split_by_worker: bool = True, resampled: bool = False, random_flip: bool = False,
-                  skip: int = 0) -> ShardDataset:
+                  skip: int = 0, skip_batch_size: int | None = None) -> ShardDataset:
     """WebDataset pipeline yielding ``{"__key__", "pixel_values" (3,R,R) in [-1,1], "caption",
     "face_embedding" (D,), "meta"}``; see the module docstring for the stage order.
 
     ``embedding_key`` None: the manifest's ``embedding_key`` (next to the first shard), else
     the single ``*.npy`` member of each sample.
+
+    ``skip``: samples of this rank's stream already consumed (resume). With a DataLoader of
+    W > 1 workers pass ``skip_batch_size`` = its batch size: workers hand out whole batches in
+    turn, so the skip is split across workers batch by batch. The remaining samples are then
+    exactly the ones not yet seen; their interleaving restarts at worker 0.
     """
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
@@ -259,7 +268,7 @@ def build_dataset(shards: str | list[str], *, resolution: int, embedding_key: st
     stages.append(wds.tarfile_to_samples(handler=stats.handler))
     stages.append(_shuffle(shuffle_buffer, state))
     if skip > 0:
-        stages.append(_skip(skip))
+        stages.append(_skip(skip, skip_batch_size))
 
     def decode(sample: dict) -> dict:
         flip = False
