@@ -47,6 +47,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_error(command: str, err: Exception) -> int:
+    """One line on stderr, no traceback, exit code 2: for problems the user can fix."""
+    print(f"accord-face {command}: error: {err}", file=sys.stderr)
+    return 2
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import logging
+
+    from .config import ConfigError, from_dict
+    from .pipeline import GenerateConfig, GenerateError, run_generate
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    keys = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
+    try:
+        summary = run_generate(from_dict(GenerateConfig, keys, source="command line"))
+    except (GenerateError, ConfigError) as err:
+        return _user_error("generate", err)
+    print(f"[generate] {len(summary['images'])} image(s) + grid.png + generate.json -> {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import logging
+
+    from .config import ConfigError, from_dict
+    from .evaluate import EvaluateConfig, run_evaluate
+    from .evaluate_report import compare_metrics, format_compare, load_metrics
+    from .pipeline import GenerateError
+
+    if args.compare:
+        try:
+            a, b = (load_metrics(p) for p in args.compare)
+        except (OSError, ValueError) as err:
+            return _user_error("evaluate", err)
+        print(format_compare(compare_metrics(a, b), *args.compare))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    keys = {k: v for k, v in vars(args).items() if k not in ("command", "func", "compare") and v is not None}
+    try:
+        result = run_evaluate(from_dict(EvaluateConfig, keys, source="command line"))
+    except (GenerateError, ConfigError) as err:
+        return _user_error("evaluate", err)
+    o = result["overall"]
+    print(f"[evaluate] {result['num_samples']} images: identity similarity {o['identity_similarity']:.4g}, "
+          f"face not found {o['face_not_found_rate']:.2%}, CLIP-T {o['clip_t']:.4g} -> {args.out}/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accord-face", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +118,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--pretrained", default="embedded:tiny")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="zero-shot generation with an exported adapter and reference photo(s)")
+    p.add_argument("--adapter", required=True, help="exported adapter folder (OUTPUT/adapter)")
+    p.add_argument("--face", dest="faces", action="append", required=True, help="reference photo (repeatable)")
+    p.add_argument("--prompt", dest="prompts", action="append", required=True, help="prompt (repeatable)")
+    p.add_argument("--negative-prompt", dest="negative_prompt")
+    p.add_argument("--pretrained", help="base model; default: the one recorded in adapter_config.json")
+    p.add_argument("--num-images", dest="num_images", type=int, help="images per prompt (seeds seed..seed+N-1)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--scale", type=float, help="identity strength (IP-Adapter scale)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--device")
+    p.add_argument("--face-backend", dest="face_backend", help="override the recorded face analyzer backend")
+    p.add_argument("--face-model-root", dest="face_model_root")
+    p.add_argument("--out", default="outputs/generate")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="identity / CLIP-T / coupling metrics of an adapter, or --compare A B")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print metric deltas of two evaluation folders")
+    p.add_argument("--adapter")
+    p.add_argument("--faces", help="folder: one sub-folder (or one photo) per identity")
+    p.add_argument("--prompts", help="text file, one prompt per line")
+    p.add_argument("--scales", type=_floats, help="comma-separated adapter scales, e.g. 0.3,0.6,1.0")
+    p.add_argument("--seeds", type=_ints, help="comma-separated seeds, e.g. 0,1")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--negative-prompt", dest="negative_prompt")
+    p.add_argument("--pretrained")
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--id-model", dest="id_model", help="identity analyzer backend (opencv-zoo | insightface)")
+    p.add_argument("--id-model-root", dest="id_model_root")
+    p.add_argument("--id-model-name", dest="id_model_name")
+    p.add_argument("--clip-model", dest="clip_model", help="CLIP folder or hub id for CLIP-T ('none' skips)")
+    p.add_argument("--shards", help="held-out shards for the coupling diagnostics")
+    p.add_argument("--coupling-samples", dest="coupling_samples", type=int)
+    p.add_argument("--coupling-timesteps", dest="coupling_timesteps", type=int)
+    p.add_argument("--superclass")
+    p.add_argument("--text-projection", dest="text_projection")
+    p.add_argument("--device")
+    p.add_argument("--out", default="outputs/evaluate")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -1,0 +1,308 @@
+"""The evaluation run behind ``accord-face evaluate``.
+
+For each identity x prompt x scale x seed: generate with the adapter, then
+measure identity similarity (with an evaluation recognizer, ideally not the
+conditioning one) and CLIP-T. Then the paper's coupling diagnostics on
+held-out samples. Writes, under ``out``:
+
+    samples.jsonl   one record per generated image (appended as it goes: a rerun resumes)
+    samples.csv     the same as a table
+    metrics.json    aggregates (stable schema, ``schema_version``)
+    report.md       a Markdown summary
+    grid_<identity>.png   prompts (rows) x scales (columns), first seed
+    tradeoff.png    identity similarity vs CLIP-T across scales
+
+Reports and the ``--compare`` table live in ``accord_face.evaluate_report``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import metrics
+from .config import field, to_dict
+from .pipeline import (IMAGE_SUFFIXES, FaceIDGenerator, GenerateError, atomic_save_image, atomic_write_text,
+                       identity_embedding, load_image_rgb, make_face_analyzer)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class EvaluateConfig:
+    """Settings of one evaluation run (recorded in metrics.json)."""
+
+    adapter: str = field(help="exported adapter folder")
+    faces: str = field(help="folder of reference photos: one sub-folder per identity, or one photo per identity")
+    prompts: str = field(help="text file, one prompt per line (blank lines and # comments ignored)")
+    scales: list[float] = field(default_factory=lambda: [0.3, 0.6, 1.0], help="adapter scales to sweep")
+    seeds: list[int] = field(default_factory=lambda: [0], help="seeds per (identity, prompt, scale)")
+    steps: int = field(30, help="denoising steps")
+    guidance: float = field(5.0, help="classifier-free guidance scale")
+    negative_prompt: str = field("", help="negative prompt")
+    pretrained: Optional[str] = field(None, help="base model; default: the one recorded by the adapter")
+    resolution: Optional[int] = field(None, help="image size; default: the adapter's training resolution")
+    id_model: str = field("opencv-zoo", help="face analyzer backend for identity similarity (opencv-zoo | insightface)")
+    id_model_root: Optional[str] = field(None, help="model folder for the identity analyzer")
+    id_model_name: Optional[str] = field(None, help="model pack name for the identity analyzer (insightface)")
+    clip_model: str = field("openai/clip-vit-base-patch32", help="CLIP folder or hub id for CLIP-T; 'none' skips")
+    shards: Optional[str] = field(None, help="held-out shards for the coupling diagnostics; "
+                                            "default: the reference photos paired with the prompts")
+    coupling_samples: int = field(8, help="held-out samples for the coupling diagnostics (0 skips them)")
+    coupling_timesteps: int = field(10, help="timesteps in the grid for sum_t (t/T)|Delta_t|")
+    superclass: str = field("a photo of a person", help="superclass prompt c_s of the PDLoss cosine gap")
+    text_projection: Optional[str] = field(None, help="CLIPTextModelWithProjection folder for the cosine gap; "
+                                                      "default: the one saved beside an embedded base model")
+    out: str = field("outputs/evaluate", help="output folder")
+    device: Optional[str] = field(None, help="torch device; default cuda when available")
+
+    def validate(self) -> None:
+        if not self.scales or not self.seeds:
+            raise ValueError("scales and seeds must not be empty")
+        if self.steps < 1 or self.coupling_samples < 0 or self.coupling_timesteps < 1:
+            raise ValueError("steps and coupling_timesteps must be >= 1, coupling_samples >= 0")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_identities(folder: str | Path) -> dict[str, list[Path]]:
+    """{identity: photos}: each sub-folder with photos is one identity; each loose photo is one identity."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise GenerateError(f"faces folder {folder} does not exist")
+    ids: dict[str, list[Path]] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir():
+            photos = sorted(p for p in entry.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if photos:
+                ids[entry.name] = photos
+        elif entry.suffix.lower() in IMAGE_SUFFIXES:
+            ids[entry.stem] = [entry]
+    if not ids:
+        raise GenerateError(f"no photos ({', '.join(IMAGE_SUFFIXES)}) in {folder} or its sub-folders")
+    return ids
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise GenerateError(f"prompts file {path} does not exist")
+    prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    if not prompts:
+        raise GenerateError(f"{path} holds no prompts (one per line)")
+    return prompts
+
+
+def sample_key(identity: str, p_idx: int, scale: float, seed: int) -> str:
+    return f"{identity}|{p_idx}|{scale:g}|{seed}"
+
+
+def _load_done(path: Path) -> dict[str, dict]:
+    """Records of a previous (interrupted) run; a torn last line is ignored."""
+    done: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[rec["key"]] = rec
+    return done
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Generate and measure every sample (resuming), add coupling diagnostics, write all outputs."""
+    from tqdm.auto import tqdm
+
+    from .evaluate_report import write_outputs
+    from .face import load_face_analyzer
+
+    out = Path(cfg.out)
+    identities, prompts = load_identities(cfg.faces), load_prompts(cfg.prompts)
+    settings = to_dict(cfg)
+    settings_path = out / "settings.json"
+    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
+        raise GenerateError(f"{out} holds an evaluation with other settings ({settings_path}); "
+                            "use another --out or delete the folder")
+    atomic_write_text(settings_path, json.dumps(settings, indent=2))
+
+    gen = FaceIDGenerator(cfg.adapter, cfg.pretrained, cfg.device)
+    cond = make_face_analyzer(gen.adapter_cfg)
+    try:
+        judge = load_face_analyzer(cfg.id_model, cfg.id_model_root, cfg.id_model_name)
+    except (OSError, ValueError) as err:
+        raise GenerateError(f"identity model {cfg.id_model!r}: {err}") from None
+    same = (judge.recognizer_name, judge.backend) == (cond.recognizer_name, cond.backend)
+    if same:
+        log.warning("identity similarity uses the conditioning recognizer (%s); scores may flatter the adapter",
+                    judge.recognizer_name)
+    scorer = metrics.IdentityScorer(judge)
+    clip = None if cfg.clip_model.lower() == "none" else _load_clip(cfg.clip_model, gen.device)
+
+    cond_embeds, refs = {}, {}
+    for name, photos in identities.items():
+        cond_embeds[name], _ = identity_embedding(cond, photos)
+        refs[name] = scorer.reference([load_image_rgb(p) for p in photos])
+        if refs[name] is None:
+            raise GenerateError(f"the identity model finds no face in any photo of {name!r} ({photos[0].parent})")
+
+    samples_path = out / "samples.jsonl"
+    done = _load_done(samples_path)
+    jobs = [(n, i, s) for n in identities for i in range(len(prompts)) for s in cfg.scales]
+    with samples_path.open("a") as log_file, tqdm(total=len(jobs) * len(cfg.seeds), desc="evaluate") as bar:
+        for name, p_idx, scale in jobs:
+            todo = [sd for sd in cfg.seeds if sample_key(name, p_idx, scale, sd) not in done]
+            bar.update(len(cfg.seeds) - len(todo))
+            if not todo:
+                continue
+            images = gen.generate(cond_embeds[name], prompts[p_idx], seeds=todo, scale=scale, steps=cfg.steps,
+                                  guidance=cfg.guidance, negative_prompt=cfg.negative_prompt,
+                                  resolution=cfg.resolution)
+            clip_t = clip.score(images, [prompts[p_idx]] * len(images)) if clip else [None] * len(images)
+            for seed, image, ct in zip(todo, images, clip_t):
+                rel = f"images/{name}/p{p_idx:02d}_scale{scale:g}_seed{seed}.png"
+                atomic_save_image(image, out / rel)
+                sim = scorer.score(refs[name], image)
+                rec = {"key": sample_key(name, p_idx, scale, seed), "identity": name, "prompt_index": p_idx,
+                       "prompt": prompts[p_idx], "scale": scale, "seed": seed, "image": rel,
+                       "face_found": sim is not None, "identity_similarity": sim, "clip_t": ct}
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+                done[rec["key"]] = rec
+                bar.update(1)
+
+    records = [done[sample_key(n, i, s, sd)] for n, i, s in jobs for sd in cfg.seeds]
+    coupling = coupling_diagnostics(gen, cfg, identities, prompts, cond_embeds)
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "adapter": gen.describe(),
+        "identity_model": {"recognizer": judge.recognizer_name, "backend": judge.backend,
+                           "embedding_dim": int(judge.embedding_dim), "same_as_conditioning": same},
+        "clip_model": clip.name if clip else None,
+        "settings": settings,
+        "num_identities": len(identities), "num_prompts": len(prompts), "num_samples": len(records),
+        **aggregate(records, cfg.scales, list(identities)),
+        "coupling": coupling,
+    }
+    write_outputs(out, result, records, prompts, cfg.scales, cfg.seeds[0])
+    return result
+
+
+def _load_clip(name: str, device: str) -> metrics.ClipTextScorer:
+    try:
+        return metrics.ClipTextScorer.from_pretrained(name, device=device)
+    except ValueError as err:
+        raise GenerateError(str(err)) from None
+
+
+def _summary(recs: list[dict]) -> dict[str, float]:
+    """Mean identity similarity over faces found, face-not-found rate, mean CLIP-T."""
+    n = len(recs)
+    sims = [r["identity_similarity"] for r in recs if r["face_found"]]
+    return {"n": n, "identity_similarity": metrics.mean_or_nan(sims),
+            "face_not_found_rate": (n - len(sims)) / n if n else math.nan,
+            "clip_t": metrics.mean_or_nan([r["clip_t"] for r in recs])}
+
+
+def aggregate(records: list[dict], scales: list[float], identities: list[str]) -> dict[str, Any]:
+    """``overall``, ``per_scale`` (list, ascending scale) and ``per_identity`` summaries."""
+    return {
+        "overall": _summary(records),
+        "per_scale": [{"scale": s, **_summary([r for r in records if r["scale"] == s])} for s in sorted(scales)],
+        "per_identity": {n: _summary([r for r in records if r["identity"] == n]) for n in identities},
+    }
+
+
+# ----------------------------------------------------------------------------- coupling diagnostics
+
+
+def _holdout_batch(gen: FaceIDGenerator, cfg: EvaluateConfig, identities: dict[str, list[Path]],
+                   prompts: list[str], cond_embeds: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[str], torch.Tensor, str]:
+    """(pixels (B, 3, R, R) in [-1, 1], captions, identity embeddings (B, D), source description)."""
+    from .data import build_dataset, load_image
+
+    res = cfg.resolution or gen.resolution
+    if cfg.shards:
+        ds = build_dataset(cfg.shards, resolution=res, shuffle_buffer=1, split_by_node=False, split_by_worker=False)
+        items = []
+        for item in ds:
+            items.append(item)
+            if len(items) >= cfg.coupling_samples:
+                break
+        if not items:
+            raise GenerateError(f"no readable samples in the held-out shards {cfg.shards}")
+        return (torch.stack([s["pixel_values"] for s in items]), [s["caption"] for s in items],
+                torch.stack([s["face_embedding"] for s in items]), f"shards:{cfg.shards}")
+    pix, caps, embs = [], [], []
+    pairs = [(n, p) for n, photos in identities.items() for p in photos]
+    for k in range(min(cfg.coupling_samples, len(pairs) * len(prompts))):
+        name, photo = pairs[k % len(pairs)]
+        pix.append(load_image(photo.read_bytes(), res))
+        caps.append(prompts[k % len(prompts)])
+        embs.append(torch.from_numpy(cond_embeds[name]))
+    return torch.stack(pix), caps, torch.stack(embs), "reference photos x prompts"
+
+
+@torch.no_grad()
+def coupling_diagnostics(gen: FaceIDGenerator, cfg: EvaluateConfig, identities: dict[str, list[Path]],
+                         prompts: list[str], cond_embeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """DDLoss discrepancy on held-out samples and the PDLoss cosine gap over the prompts (adapter scale 1)."""
+    from diffusers import DDPMScheduler
+
+    out: dict[str, Any] = {"adapter_scale": 1.0}
+    pipe = gen.pipe
+    if gen.is_sdxl or cfg.coupling_samples == 0:
+        reason = "SDXL UNet conditioning is not supported yet" if gen.is_sdxl else "coupling_samples = 0"
+        return {**out, "dd": {"skipped": reason}, "pd": {"skipped": reason}}
+    pipe.set_ip_adapter_scale(1.0)
+    dtype, device = gen.dtype, gen.device
+    pixels, captions, embeds, source = _holdout_batch(gen, cfg, identities, prompts, cond_embeds)
+    if embeds.shape[1] != int(gen.adapter_cfg["id_embed_dim"]):
+        raise GenerateError(f"held-out identity embeddings are {embeds.shape[1]}-d but the adapter takes "
+                            f"{gen.adapter_cfg['id_embed_dim']}-d; use shards made with the adapter's recognizer")
+    latents = pipe.vae.encode(pixels.to(device, dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
+    text, _ = pipe.encode_prompt(captions, device, 1, False)   # (B, L, E)
+    null, _ = pipe.encode_prompt([""], device, 1, False)        # (1, L, E)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    dd = metrics.dependence_discrepancy(pipe.unet, scheduler, latents.float(), text, null, embeds.to(device),
+                                        num_timesteps=cfg.coupling_timesteps, seed=cfg.seeds[0])
+    out["dd"] = {"discrepancy": dd.discrepancy, "weighted_mean": dd.weighted_mean,
+                 "delta_by_quartile": {str(k): v for k, v in sorted(dd.delta_by_quartile.items())},
+                 "abs_delta_by_t": {str(k): v for k, v in dd.abs_delta_by_t.items()},
+                 "num_samples": dd.num_samples, "source": source}
+    out["pd"] = _prior_gap(gen, cfg, prompts, cond_embeds)
+    return out
+
+
+def _prior_gap(gen: FaceIDGenerator, cfg: EvaluateConfig, prompts: list[str],
+               cond_embeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .tiny import projection_model_path
+
+    path = cfg.text_projection or projection_model_path(gen.base_model)
+    if not path:
+        return {"skipped": "no CLIP text projection model (pass --text-projection DIR)"}
+    model = CLIPTextModelWithProjection.from_pretrained(path).eval().to(gen.device)
+    tokenizer = CLIPTokenizer.from_pretrained(path)
+    proj = gen.pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    embeds = torch.from_numpy(np.stack(list(cond_embeds.values()))).to(gen.device, gen.dtype)  # (N, D)
+    tokens = proj(embeds[:, None, :])                                                            # (N, K, E)
+    try:
+        gap = metrics.prior_cosine_gap(tokens.float(), model, tokenizer, prompts, cfg.superclass)
+    except ValueError as err:
+        return {"skipped": str(err)}
+    return {**gap, "projection_model": str(path), "superclass": cfg.superclass}

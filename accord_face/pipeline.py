@@ -1,0 +1,318 @@
+"""Zero-shot generation with an exported identity adapter on a stock diffusers pipeline.
+
+The adapter folder (written by the trainer) holds ``ip_adapter.safetensors`` in
+diffusers' IP-Adapter FaceID layout and ``adapter_config.json`` recording the
+base model and the face recognizer it was trained with. Generation is plain
+diffusers: ``pipe.load_ip_adapter(folder, subfolder="", weight_name=...,
+image_encoder_folder=None)`` and ``pipe(..., ip_adapter_image_embeds=[...])``
+with a zero identity embedding as the classifier-free-guidance negative
+(the "dropped identity" the trainer uses).
+
+``FaceIDGenerator`` is the reusable piece (``evaluate`` drives it too);
+``run_generate(GenerateConfig)`` is what ``accord-face generate`` wraps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .adapter import CONFIG_NAME, WEIGHT_NAME, identity_image_embeds, load_adapter_config
+from .config import field, to_dict
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class GenerateError(RuntimeError):
+    """A user-facing problem (missing file, no face, mismatched models); the CLI prints it in one line."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of one ``accord-face generate`` run (all recorded in generate.json)."""
+
+    adapter: str = field(help="exported adapter folder (ip_adapter.safetensors + adapter_config.json)")
+    faces: list[str] = field(default_factory=list, help="reference photo(s) of ONE person; embeddings are averaged")
+    prompts: list[str] = field(default_factory=list, help="text prompts; each gets num_images images")
+    negative_prompt: str = field("", help="negative prompt for classifier-free guidance")
+    pretrained: Optional[str] = field(None, help="base model (hub id, folder or embedded:<size>); "
+                                                 "default: the one recorded in adapter_config.json")
+    num_images: int = field(1, help="images per prompt; image i uses seed + i")
+    seed: int = field(0, help="base seed")
+    scale: float = field(1.0, help="identity strength (IP-Adapter scale)")
+    steps: int = field(30, help="denoising steps")
+    guidance: float = field(5.0, help="classifier-free guidance scale (<= 1 disables guidance)")
+    resolution: Optional[int] = field(None, help="image size in pixels; default: the adapter's training resolution")
+    out: str = field("outputs/generate", help="output folder")
+    device: Optional[str] = field(None, help="torch device; default cuda when available, else cpu")
+    face_backend: Optional[str] = field(None, help="face analyzer backend; default: the one recorded by the adapter")
+    face_model_root: Optional[str] = field(None, help="folder with face models for the analyzer (insightface)")
+
+    def validate(self) -> None:
+        if not self.faces:
+            raise ValueError("give at least one reference photo (--face IMG)")
+        if not self.prompts:
+            raise ValueError("give at least one prompt (--prompt TEXT)")
+        if self.num_images < 1 or self.steps < 1:
+            raise ValueError("num_images and steps must be >= 1")
+
+
+# ----------------------------------------------------------------------------- adapter files
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """``adapter.load_adapter_config`` plus the weight file, with errors as GenerateError."""
+    folder = Path(adapter_dir)
+    if not folder.is_dir():
+        raise GenerateError(f"adapter folder {folder} does not exist (expected the trainer's OUTPUT/adapter)")
+    if not (folder / WEIGHT_NAME).is_file():
+        raise GenerateError(f"{folder / WEIGHT_NAME} is missing: is {folder} an exported accord-face adapter folder?")
+    try:
+        cfg = load_adapter_config(folder)
+    except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        raise GenerateError(f"{folder / CONFIG_NAME}: {err}") from None
+    missing = [k for k in ("cross_attention_dim", "id_embed_dim", "recognizer") if k not in cfg]
+    if missing:
+        raise GenerateError(f"{folder / CONFIG_NAME} lacks key(s) {missing}; re-export the adapter")
+    return cfg
+
+
+def adapter_weight_shapes(adapter_dir: str | os.PathLike) -> tuple[int, int]:
+    """(cross-attention dim, identity-embedding dim) read from the weight file itself."""
+    from safetensors import safe_open
+
+    path = Path(adapter_dir) / WEIGHT_NAME
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        if {"image_proj.norm.weight", "image_proj.proj.0.weight"} - keys:
+            raise GenerateError(f"{path} is not an IP-Adapter FaceID file (no image_proj.norm / image_proj.proj.0)")
+        return f.get_slice("image_proj.norm.weight").get_shape()[0], f.get_slice("image_proj.proj.0.weight").get_shape()[1]
+
+
+def resolve_base_model(adapter_cfg: dict[str, Any], override: Optional[str]) -> str:
+    """The base model to load: the override, else the recorded local path if it still exists, else the recorded id."""
+    from .tiny import resolve_pretrained
+
+    if override:
+        return resolve_pretrained(override)
+    local = adapter_cfg.get("base_model_path")
+    if local and Path(local).is_dir():
+        return local
+    name = adapter_cfg.get("base_model")
+    if not name:
+        raise GenerateError("adapter_config.json records no base model; pass --pretrained ID_OR_DIR")
+    return resolve_pretrained(name)
+
+
+# ----------------------------------------------------------------------------- faces
+
+
+def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Photo file -> (H, W, 3) uint8 RGB; GenerateError if missing or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenerateError(f"face photo {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise GenerateError(f"face photo {path} is not a readable image ({err})") from None
+
+
+def make_face_analyzer(adapter_cfg: dict[str, Any], backend: Optional[str] = None, model_root: Optional[str] = None):
+    """The analyzer the adapter was trained with (recorded recognizer), checked for embedding size."""
+    from .face import load_face_analyzer
+
+    rec = adapter_cfg.get("recognizer") or {}
+    backend = backend or rec.get("backend") or "opencv-zoo"
+    try:
+        analyzer = load_face_analyzer(backend=backend, model_root=model_root,
+                                      model_name=rec.get("model_name") or rec.get("pack"))
+    except (OSError, ValueError) as err:  # face.ModelNotFoundError is an OSError
+        raise GenerateError(f"cannot load the face analyzer '{backend}' recorded by the adapter: "
+                            f"{str(err).splitlines()[0]}") from None
+    check_recognizer(adapter_cfg, analyzer)
+    return analyzer
+
+
+def check_recognizer(adapter_cfg: dict[str, Any], analyzer) -> None:
+    """GenerateError when the analyzer's embeddings cannot feed the adapter (size mismatch)."""
+    want = int(adapter_cfg["id_embed_dim"])
+    if int(analyzer.embedding_dim) != want:
+        rec = adapter_cfg.get("recognizer") or {}
+        raise GenerateError(
+            f"recognizer mismatch: the adapter takes {want}-d identity embeddings "
+            f"({rec.get('name', '?')}, {rec.get('backend', '?')}), but the face analyzer "
+            f"'{analyzer.recognizer_name}' ({analyzer.backend}) gives {analyzer.embedding_dim}-d ones; "
+            "use the recognizer the adapter was trained with")
+
+
+def identity_embedding(analyzer, photos: list[str | os.PathLike]) -> tuple[np.ndarray, list[dict]]:
+    """Normalised mean identity embedding of one person's photos, plus per-photo notes.
+
+        e = normalize( sum_i e_i / n ),   e_i the L2-normalised embedding of the largest face in photo i
+
+    GenerateError names a photo with no face; several faces in one photo -> the
+    largest is used and a warning is logged (and recorded in the notes).
+    """
+    embeds, notes = [], []
+    for photo in photos:
+        faces = analyzer.analyze(load_image_rgb(photo))
+        if not faces:
+            raise GenerateError(f"no face found in {photo}; use a photo with one clearly visible face")
+        if len(faces) > 1:
+            log.warning("%s: %d faces found; using the largest", photo, len(faces))
+        emb = np.asarray(faces[0].embedding, dtype=np.float64).reshape(-1)
+        embeds.append(emb / max(np.linalg.norm(emb), 1e-12))
+        notes.append({"file": str(photo), "faces": len(faces), "score": float(getattr(faces[0], "score", math.nan)),
+                      "bbox": [float(v) for v in np.asarray(faces[0].bbox).reshape(-1)[:4]]})
+    mean = np.mean(embeds, axis=0)
+    return (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32), notes
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class FaceIDGenerator:
+    """A diffusers text-to-image pipeline with the adapter loaded; generates from identity embeddings."""
+
+    def __init__(self, adapter_dir: str | os.PathLike, pretrained: Optional[str] = None,
+                 device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+        from diffusers import DiffusionPipeline
+
+        self.adapter_dir = str(adapter_dir)
+        self.adapter_cfg = read_adapter_config(adapter_dir)
+        self.base_model = resolve_base_model(self.adapter_cfg, pretrained)
+        self.device = device or default_device()
+        self.dtype = dtype or (torch.float16 if self.device.startswith("cuda") else torch.float32)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(self.base_model, dtype=self.dtype,
+                                                     safety_checker=None, requires_safety_checker=False)
+        except (OSError, ValueError) as err:
+            raise GenerateError(f"cannot load base model {self.base_model!r}: {str(err).splitlines()[0]} "
+                                "(pass --pretrained ID_OR_DIR, or run once with network access)") from None
+        if not hasattr(pipe, "load_ip_adapter"):
+            raise GenerateError(f"{type(pipe).__name__} ({self.base_model}) does not support IP-Adapters")
+        self.check_base(pipe)
+        pipe.load_ip_adapter(self.adapter_dir, subfolder="", weight_name=WEIGHT_NAME, image_encoder_folder=None)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+        self.is_sdxl = "XL" in type(pipe).__name__
+
+    def check_base(self, pipe) -> None:
+        """GenerateError when the adapter was trained for a base with another cross-attention size."""
+        cad, _ = adapter_weight_shapes(self.adapter_dir)
+        base_cad = pipe.unet.config.cross_attention_dim
+        if cad != base_cad:
+            raise GenerateError(
+                f"adapter/base mismatch: {self.adapter_dir} was trained for a UNet with cross-attention dim {cad} "
+                f"(base {self.adapter_cfg.get('base_model')!r}), but {self.base_model} has {base_cad}; "
+                "pass the base model it was trained on with --pretrained")
+
+    @property
+    def resolution(self) -> int:
+        res = self.adapter_cfg.get("resolution")
+        return int(res) if res else int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+
+    @torch.no_grad()
+    def generate(self, embedding: np.ndarray, prompt: str, *, seeds: list[int], scale: float = 1.0,
+                 steps: int = 30, guidance: float = 5.0, negative_prompt: str = "",
+                 resolution: Optional[int] = None) -> list:
+        """One image per seed (image i from ``torch.Generator().manual_seed(seeds[i])``, on CPU for portability)."""
+        self.pipe.set_ip_adapter_scale(scale)
+        size = resolution or self.resolution
+        embeds = identity_image_embeds(torch.as_tensor(np.asarray(embedding, np.float32)), guidance > 1.0,
+                                       dtype=self.dtype, device=self.device)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        out = self.pipe(prompt=prompt, negative_prompt=negative_prompt or None, ip_adapter_image_embeds=embeds,
+                        num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=len(seeds),
+                        generator=generators, height=size, width=size)
+        return out.images
+
+    def describe(self) -> dict[str, Any]:
+        return {"adapter": self.adapter_dir, "base_model": self.base_model,
+                "pipeline": type(self.pipe).__name__, "device": self.device, "dtype": str(self.dtype),
+                "recognizer": self.adapter_cfg.get("recognizer"), "adapter_format": self.adapter_cfg.get("format"),
+                "adapter_train_steps": self.adapter_cfg.get("train_steps")}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def make_grid(images: list, cols: int, labels: Optional[list[str]] = None):
+    """Paste equal-sized PIL images into a grid, row-major."""
+    from PIL import Image
+
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    w, h = images[0].size
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB").resize((w, h)), ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def atomic_save_image(image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    image.save(tmp)
+    tmp.replace(path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
+    """Analyse the reference photos, generate num_images per prompt, write images + grid + generate.json."""
+    from importlib.metadata import version
+
+    gen = FaceIDGenerator(cfg.adapter, cfg.pretrained, cfg.device)
+    analyzer = make_face_analyzer(gen.adapter_cfg, cfg.face_backend, cfg.face_model_root)
+    embedding, photo_notes = identity_embedding(analyzer, cfg.faces)
+    out = Path(cfg.out)
+    records, images = [], []
+    for p_idx, prompt in enumerate(cfg.prompts):
+        seeds = [cfg.seed + i for i in range(cfg.num_images)]
+        batch = gen.generate(embedding, prompt, seeds=seeds, scale=cfg.scale, steps=cfg.steps,
+                             guidance=cfg.guidance, negative_prompt=cfg.negative_prompt, resolution=cfg.resolution)
+        for seed, image in zip(seeds, batch):
+            name = f"p{p_idx:02d}_seed{seed}.png"
+            atomic_save_image(image, out / name)
+            records.append({"file": name, "prompt": prompt, "seed": seed})
+            images.append(image)
+    atomic_save_image(make_grid(images, cols=cfg.num_images), out / "grid.png")
+    summary = {
+        "settings": to_dict(cfg), **gen.describe(), "resolution": cfg.resolution or gen.resolution,
+        "face_analyzer": {"backend": analyzer.backend, "recognizer": analyzer.recognizer_name,
+                          "embedding_dim": int(analyzer.embedding_dim)},
+        "reference_photos": photo_notes, "images": records, "grid": "grid.png",
+        "versions": {pkg: version(pkg) for pkg in ("torch", "diffusers", "transformers")},
+    }
+    atomic_write_text(out / "generate.json", json.dumps(summary, indent=2))
+    return summary
