@@ -1,0 +1,226 @@
+"""The encoder trainer's config tree (``TrainConfig``) and the checks that run before any work.
+
+Top-level keys other tools rely on: ``pretrained_model``, ``shards``,
+``output_dir``, ``max_steps``. Everything else sits in sections; see
+``configs/tiny.yaml`` for a complete example and ``describe(TrainConfig)`` for
+every key with its help text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from ..config import ConfigError, field
+
+__all__ = ["TrainConfig", "EncoderConfig", "DataConfig", "DropoutConfig", "LossConfig", "OptimConfig",
+           "DeepSpeedSection", "CheckpointConfig", "LoggingConfig", "ValidationConfig", "DebugConfig",
+           "ShardInfo", "preflight"]
+
+
+@dataclass
+class EncoderConfig:
+    kind: Literal["faceid"] = field("faceid", help="identity projection model (accord_face.encoder.ENCODERS)")
+    id_embed_dim: int = field(128, help="face embedding size; must equal the shards' manifest embedding_dim "
+                                        "(sface 128, arcface 512)")
+    num_tokens: int = field(4, help="identity tokens K fed to the decoupled cross-attention (4 or 16)")
+    hidden_dim: int = field(1024, help="MLP hidden size; a multiple of id_embed_dim (diffusers infers it)")
+    ip_scale: float = field(1.0, help="adapter scale during training")
+
+    def validate(self) -> None:
+        if self.hidden_dim % self.id_embed_dim:
+            raise ValueError(f"encoder.hidden_dim {self.hidden_dim} must be a multiple of "
+                             f"encoder.id_embed_dim {self.id_embed_dim}")
+        if self.num_tokens < 1:
+            raise ValueError("encoder.num_tokens must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    micro_batch_size: int = field(4, help="samples per rank per forward")
+    num_workers: int = field(0, help="DataLoader workers per rank (shards are split by worker too)")
+    shuffle_buffer: int = field(256, help="sample shuffle buffer (0/1 = shard order)")
+    random_flip: bool = field(False, help="horizontal flip augmentation")
+    embedding_key: Optional[str] = field(None, help="shard member holding the face embedding; None = manifest's")
+    resampled: bool = field(False, help="draw shards with replacement (endless; no epochs)")
+
+
+@dataclass
+class DropoutConfig:
+    identity: float = field(0.05, help="share of samples whose identity is dropped (zero embedding)")
+    caption: float = field(0.05, help="share of samples whose caption is dropped (empty string)")
+    both: float = field(0.05, help="share of samples with both dropped")
+
+    def validate(self) -> None:
+        if min(self.identity, self.caption, self.both) < 0 or self.identity + self.caption + self.both > 1:
+            raise ValueError("dropout shares must be >= 0 and sum to <= 1")
+
+
+@dataclass
+class LossConfig:
+    lambda_dd: float = field(0.1, help="weight of the Denoising Decouple Loss (paper: 0.1-0.3)")
+    lambda_pd: float = field(0.001, help="weight of the Prior Decouple Loss (paper: 0.001-0.003)")
+    lambda_warmup_steps: int = field(0, help="ramp both lambdas linearly from 0 over this many steps")
+    dd_batch_fraction: float = field(1.0, help="share of the micro batch that gets DDLoss (cost knob)")
+    dd_every_n_steps: int = field(1, help="compute DDLoss on every n-th step only (cost knob)")
+    dd_reference: Literal["live", "frozen_initial"] = field(
+        "live", help="model for the three no-grad DDLoss branches: the live model (paper) or the initial weights")
+    dd_timesteps: Literal["shared", "stratified", "k_per_sample"] = field(
+        "shared", help="DDLoss t: the base loss's (reuses the joint forward), stratified over [0,T), or k per sample")
+    dd_k: int = field(2, help="timesteps per sample for dd_timesteps=k_per_sample")
+    superclass_prompt: str = field("a photo of a person", help="c_s for PDLoss")
+    pd_mapping: Literal["text_projection_mean", "text_projection_mean_tail"] = field(
+        "text_projection_mean", help="f_p: CLIP text_projection of the mean identity token "
+                                     "(_tail: of its last hidden_size dims, for SDXL's concatenated space)")
+
+    def validate(self) -> None:
+        if not 0 < self.dd_batch_fraction <= 1:
+            raise ValueError("losses.dd_batch_fraction must lie in (0, 1]")
+        if self.dd_every_n_steps < 1 or self.dd_k < 1:
+            raise ValueError("losses.dd_every_n_steps and losses.dd_k must be >= 1")
+        if self.lambda_dd < 0 or self.lambda_pd < 0:
+            raise ValueError("loss weights must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(1e-4, help="AdamW learning rate")
+    weight_decay: float = field(0.01, help="AdamW weight decay")
+    betas: tuple[float, float] = field(default_factory=lambda: (0.9, 0.999), help="AdamW betas")
+    warmup_steps: int = field(0, help="linear learning-rate warm-up (DeepSpeed WarmupLR)")
+    grad_clip: float = field(1.0, help="gradient clipping norm (0 = off)")
+    gradient_accumulation_steps: int = field(1, help="micro batches per optimizer step")
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = field("configs/deepspeed/zero2.json", help="DeepSpeed JSON (ZeRO settings); batch, optimizer "
+                                                             "and precision keys are filled from this config")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        "auto", help="auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU")
+    backend: Literal["auto", "gloo", "nccl"] = field("auto", help="process group backend (auto: gloo on CPU)")
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = field(500, help="save a DeepSpeed checkpoint + exported adapter every n steps (and at the end)")
+    keep_last: int = field(2, help="complete checkpoints kept (older ones deleted); 0 = keep all")
+
+
+@dataclass
+class LoggingConfig:
+    every_n_steps: int = field(10, help="TensorBoard scalars every n steps")
+    tensorboard: bool = field(True, help="write TensorBoard events to OUTPUT/logs")
+    progress: bool = field(True, help="tqdm progress bar on rank 0")
+
+
+@dataclass
+class ValidationConfig:
+    every_n_steps: int = field(0, help="PNG grid of validation samples every n steps (0 = only at the end)")
+    enabled: bool = field(True, help="write validation grids at all")
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a person", "a person on a beach, oil painting"],
+                               help="fixed validation prompts")
+    num_faces: int = field(2, help="fixed faces: the first n identities read from the shards")
+    scales: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0], help="adapter scales (grid columns)")
+    num_inference_steps: int = field(20, help="sampler steps")
+    guidance_scale: float = field(5.0, help="classifier-free guidance scale")
+
+
+@dataclass
+class DebugConfig:
+    kill_after_step: Optional[int] = field(None, help="test hook: SIGKILL this process right after this step "
+                                                      "(simulates a crash; checkpoints are then resumed)")
+    log_sample_keys: bool = field(False, help="write the sample keys each rank consumed to OUTPUT/samples-rankR.jsonl")
+
+
+@dataclass
+class TrainConfig:
+    pretrained_model: str = field("embedded:tiny", help="base pipeline: hub id, local folder or embedded:<size>")
+    pretrained_model_path: str = field("", help="filled by the trainer in OUTPUT/config.yaml: the resolved "
+                                                "local folder or hub id of pretrained_model (leave empty)")
+    shards: str = field("", help="training shards: folder of *.tar, glob or brace pattern (scripts/prepare_shards.py)")
+    output_dir: str = field("outputs/train", help="checkpoints, adapter/, logs/, samples/, config.yaml")
+    max_steps: int = field(1000, help="optimizer steps")
+    seed: int = field(0, help="global seed (noise, t and dropout are drawn per sample from (seed, step, key))")
+    resolution: int = field(512, help="training image size (64 for the embedded tiny pipeline)")
+    clip_model: str = field("auto", help="CLIPTextModelWithProjection for PDLoss: hub id, folder, or auto "
+                                         "(embedded projection / SDXL text_encoder_2 / openai/clip-vit-large-patch14)")
+    recognizer: str = field("auto", help="face recognizer the embeddings came from (auto: the shards' manifest)")
+    resume: str = field("auto", help="auto = newest complete checkpoint in OUTPUT/checkpoints, none, or a tag folder")
+    encoder: EncoderConfig = field(default_factory=EncoderConfig, help="identity encoder")
+    data: DataConfig = field(default_factory=DataConfig, help="shard reading")
+    dropout: DropoutConfig = field(default_factory=DropoutConfig, help="condition dropout")
+    losses: LossConfig = field(default_factory=LossConfig, help="ACCORD losses")
+    optim: OptimConfig = field(default_factory=OptimConfig, help="optimizer")
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection, help="DeepSpeed")
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, help="checkpoints")
+    logging: LoggingConfig = field(default_factory=LoggingConfig, help="logging")
+    validation: ValidationConfig = field(default_factory=ValidationConfig, help="validation grids")
+    debug: DebugConfig = field(default_factory=DebugConfig, help="test hooks")
+
+    def validate(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError("max_steps must be >= 1")
+        if self.resolution % 8:
+            raise ValueError(f"resolution {self.resolution} must be a multiple of 8")
+
+
+@dataclass
+class ShardInfo:
+    """What preflight learned about the shards."""
+
+    urls: list[str]
+    embedding_key: Optional[str]
+    embedding_dim: Optional[int]
+    recognizer: dict
+
+
+def preflight(cfg: TrainConfig) -> ShardInfo:
+    """Checks that need the file system; run before any model is loaded or process group started.
+
+    Raises ConfigError naming the key: no shards at ``shards``; manifest
+    ``embedding_dim`` != ``encoder.id_embed_dim``; a frozen-initial DDLoss
+    reference under ZeRO-3 (parameters are partitioned, see models.py).
+    """
+    import json
+    from pathlib import Path
+
+    from ..data import list_shards, read_manifest
+
+    if not cfg.shards:
+        raise ConfigError("'shards' is empty: set shards=<folder of *.tar> (write them with scripts/prepare_shards.py)")
+    try:
+        urls = list_shards(cfg.shards)
+    except FileNotFoundError as err:
+        raise ConfigError(f"'shards': {err}") from None
+    manifest = read_manifest(Path(urls[0]).parent) or {}
+    dim = manifest.get("embedding_dim")
+    if dim is not None and int(dim) != cfg.encoder.id_embed_dim:
+        raise ConfigError(
+            f"embedding size mismatch: the shards' manifest ({Path(urls[0]).parent / 'manifest.json'}) says "
+            f"embedding_dim={dim} but encoder.id_embed_dim={cfg.encoder.id_embed_dim}; set "
+            f"encoder.id_embed_dim={dim} (and a hidden_dim that is a multiple of it) or use matching shards")
+    rec = manifest.get("recognizer")
+    rec = dict(rec) if isinstance(rec, dict) else {"name": rec}
+    if cfg.recognizer != "auto":
+        rec["name"] = cfg.recognizer
+    rec.setdefault("name", None)
+    rec.setdefault("backend", manifest.get("backend"))
+    rec["embedding_dim"] = int(dim) if dim is not None else cfg.encoder.id_embed_dim
+    ds_path = Path(cfg.deepspeed.config)
+    if not ds_path.is_file() and not ds_path.is_absolute():
+        bundled = Path(__file__).resolve().parents[2] / ds_path   # configs/ beside the package (source checkout)
+        if bundled.is_file():
+            cfg.deepspeed.config = str(bundled)
+            ds_path = bundled
+    if not ds_path.is_file():
+        raise ConfigError(f"'deepspeed.config': {ds_path} does not exist (see configs/deepspeed/zero{{1,2,3}}.json)")
+    try:
+        stage = json.loads(ds_path.read_text()).get("zero_optimization", {}).get("stage", 0)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"'deepspeed.config': {ds_path} is not valid JSON ({err})") from None
+    if stage == 3 and cfg.losses.dd_reference == "frozen_initial":
+        raise ConfigError("'losses.dd_reference: frozen_initial' is not supported with ZeRO-3 "
+                          f"({ds_path}); use dd_reference=live or ZeRO-1/2")
+    return ShardInfo(urls=urls, embedding_key=cfg.data.embedding_key or manifest.get("embedding_key"),
+                     embedding_dim=int(dim) if dim is not None else None, recognizer=rec)
