@@ -124,8 +124,24 @@ def add_lora(models: LoraModels, cfg: LoraTrainConfig) -> None:
     models.unet.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, init_lora_weights=init,
                                        target_modules=list(lc.unet_targets)))
     if lc.train_text_encoder:
+        check_text_encoder_lora_support()
         models.text_encoder.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, init_lora_weights=init,
                                                    target_modules=list(lc.text_encoder_targets)))
+
+
+def check_text_encoder_lora_support() -> None:
+    """transformers' adapter API (used by ``add_adapter`` here and by diffusers' ``load_lora_weights`` for the
+    text encoder) refuses peft older than its ``MIN_PEFT_VERSION``; say so before any work starts."""
+    import importlib.metadata
+
+    from packaging import version
+    from transformers.integrations import peft as hf_peft
+
+    have, need = importlib.metadata.version("peft"), getattr(hf_peft, "MIN_PEFT_VERSION", "0")
+    if version.parse(have) < version.parse(need):
+        raise ValueError(f"lora.train_text_encoder=true needs peft>={need} with this transformers (installed: "
+                         f"peft {have}); diffusers could not load the exported text-encoder LoRA either. "
+                         "Set lora.train_text_encoder=false (UNet LoRA + textual_inversion still work)")
 
 
 def to_device(models: LoraModels, device: torch.device | str, mixed_precision: str) -> LoraModels:

@@ -80,7 +80,7 @@ def prepare_references(cfg: LoraTrainConfig, out: Path, resolution: int, log) ->
 
 
 def train_lora(cfg: LoraTrainConfig, log=print) -> dict:
-    """Train, checkpoint, export; returns paths and the last logged terms."""
+    """Train, checkpoint, export; returns paths, the last logged terms and the trained ``models``."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no")
@@ -170,7 +170,7 @@ def train_lora(cfg: LoraTrainConfig, log=print) -> dict:
     accelerator.wait_for_everyone()
     log(f"[lora] LoRA weights: {out / 'lora'}" + (f"; validation grid: {grid}" if grid else ""))
     return {"output_dir": str(out), "lora_dir": str(out / "lora"), "grid": str(grid) if grid else None,
-            "last": last, "start_step": start}
+            "last": last, "start_step": start, "models": models}
 
 
 def validation_grid(models: LoraModels, cfg: LoraTrainConfig, path: Path) -> Path:
