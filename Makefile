@@ -20,6 +20,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m accord_face.cli demo --out outputs/demo
 
+# LoRA path on the embedded default (tiny pipeline + synthetic references made at run time).
+.PHONY: demo-lora
+demo-lora: $(STAMP)
+	$(PY) scripts/train_lora.py --config configs/lora_tiny.yaml output_dir=outputs/demo-lora max_steps=40
+	@echo "[demo-lora] validation grids: $$(ls outputs/demo-lora/validation/*.png | tr '\n' ' ')"
+	@echo "[demo-lora] LoRA for pipe.load_lora_weights: outputs/demo-lora/lora"
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
