@@ -161,7 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--out", default="outputs/evaluate")
     p.set_defaults(func=cmd_evaluate)
+
+    # Shard preparation: the same flags as scripts/prepare_shards.py (generated from PrepareConfig).
+    from data_pipelines.prepare_shards import build_parser as _shard_parser
+
+    p = _shard_parser(sub.add_parser("prepare-shards", help="photos + captions -> WebDataset shards with faces "
+                                     "and identity embeddings"))
+    p.set_defaults(func=cmd_prepare_shards, _parser=p)
     return parser
+
+
+def cmd_prepare_shards(args: argparse.Namespace) -> int:
+    import logging
+
+    from data_pipelines.prepare_shards import run
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(args, args._parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     hints = typing.get_type_hints(PrepareConfig)
     for f in dataclasses.fields(PrepareConfig):
         flag, tp = "--" + f.name.replace("_", "-"), hints[f.name]
-        kwargs: dict = {"dest": f.name, "default": None, "help": f.metadata.get("help", "")}
+        kwargs: dict = {"dest": f.name, "default": None, "help": f.metadata.get("help", "").replace("%", "%%")}
         if f.default is not dataclasses.MISSING:
             kwargs["help"] += f" (default: {f.default})"
         if tp is bool:
