@@ -201,6 +201,13 @@ def load_image(data: bytes, resolution: int, flip: bool = False) -> torch.Tensor
     return tensor / 127.5 - 1.0
 
 
+def _image_member(sample: dict) -> bytes:
+    for ext in ("jpg", "jpeg", "png", "webp"):
+        if ext in sample:
+            return sample[ext]
+    raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image member (jpg/png/webp)")
+
+
 def decode_sample(sample: dict, *, resolution: int, embedding_key: str | None = None,
                   flip: bool = False) -> dict:
     """Raw shard sample (bytes per member) -> training dict."""
@@ -213,7 +220,7 @@ def decode_sample(sample: dict, *, resolution: int, embedding_key: str | None = 
     caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
     return {
         "__key__": sample["__key__"],
-        "pixel_values": load_image(sample["jpg"], resolution, flip),  # (3, R, R)
+        "pixel_values": load_image(_image_member(sample), resolution, flip),  # (3, R, R)
         "caption": caption,
         "face_embedding": torch.from_numpy(emb),  # (D,)
         "meta": meta,
@@ -259,6 +266,10 @@ def build_dataset(shards: str | list[str], *, resolution: int, embedding_key: st
         if manifest is not None:
             embedding_key = manifest.get("embedding_key")
     state, stats = _State(seed, epoch), ReadStats()
+    rank, world, _, _ = wds.utils.pytorch_worker_info()
+    if split_by_node and not resampled and world > len(urls):
+        log.warning("%d shards for %d ranks: rank %d may get none; write more, smaller shards "
+                    "(--shard-size) or use resampled=True", len(urls), world, rank)
 
     stages: list[Any] = [_shard_source(urls, state, resampled)]
     if split_by_node and not resampled:
