@@ -33,6 +33,7 @@ REASONS = {
     "missing_caption": "no caption and --require-caption is set",
     "unreadable_shard": "an input shard could not be read",
     "no_image_member": "an input shard sample has no image member",
+    "analysis_error": "face detection / recognition raised on this image (detail has the error)",
 }
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")

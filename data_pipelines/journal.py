@@ -16,6 +16,7 @@ shard under a final name.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -58,6 +59,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def input_id(source: str) -> int:
+    """A compact stable id of an input source (first 8 bytes of its sha1)."""
+    return int.from_bytes(hashlib.sha1(source.encode("utf-8")).digest()[:8], "big")
+
+
 class SettingsMismatch(ValueError):
     pass
 
@@ -71,8 +77,8 @@ class ShardJournal:
         self.prefix, self.shard_size, self.settings = prefix, shard_size, settings
         self.path = self.outdir / JOURNAL
         self.shards: list[dict] = []  # committed: {"name", "samples", "sha256"}
-        self.done: set[str] = set()
-        self.skipped: list[dict] = []
+        self.done: set[int] = set()  # input_id() of every committed input (8-byte ints: memory stays small)
+        self.skip_counts: collections.Counter = collections.Counter()  # reason -> count
         self._load()
         self._clean()
         self._writer = None  # a webdataset.TarWriter on the open .tmp shard
@@ -86,28 +92,39 @@ class ShardJournal:
         if not self.path.exists():
             self._append({"settings": self.settings})
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        records = []
-        for line in lines:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from a kill: everything after it is uncommitted
-        if not records or "settings" not in records[0]:
+        good = 0  # bytes of complete records; a torn tail (killed mid-write) is cut off
+        newline_missing = False
+        with open(self.path, "rb") as fh:
+            for n, raw in enumerate(fh):
+                try:
+                    rec = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    break
+                if n == 0:
+                    self._check_settings(rec)
+                else:
+                    if rec.get("shard"):
+                        self.shards.append(rec["shard"])
+                    self.done.update(input_id(s) for s in rec.get("inputs", []))
+                    self.skip_counts.update(s["reason"] for s in rec.get("skipped", []))
+                good += len(raw)
+                newline_missing = not raw.endswith(b"\n")
+        if good == 0:
             raise SettingsMismatch(f"{self.path} is not a shard journal; choose an empty --output folder")
-        if records[0]["settings"] != self.settings:
-            old, new = records[0]["settings"], self.settings
+        if good < self.path.stat().st_size:
+            os.truncate(self.path, good)
+        if newline_missing:
+            with open(self.path, "ab") as fh:
+                fh.write(b"\n")
+
+    def _check_settings(self, rec: dict) -> None:
+        if not isinstance(rec, dict) or "settings" not in rec:
+            raise SettingsMismatch(f"{self.path} is not a shard journal; choose an empty --output folder")
+        old, new = rec["settings"], self.settings
+        if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise SettingsMismatch(f"{self.outdir} was started with different settings ({', '.join(diff)}); "
                                    "rerun with the same options to resume, or use a new --output folder")
-        for rec in records[1:]:
-            if rec.get("shard"):
-                self.shards.append(rec["shard"])
-            self.done.update(rec.get("inputs", []))
-            self.skipped.extend(rec.get("skipped", []))
-        # Rewrite without a torn tail so later appends start on a clean line.
-        if len(records) != len(lines):
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
     def _clean(self) -> None:
         committed = {s["name"] for s in self.shards}
@@ -147,7 +164,7 @@ class ShardJournal:
         if self._pending_skips:
             skips, self._pending_skips = self._pending_skips, []
             self._append({"shard": None, "inputs": [s["source"] for s in skips], "skipped": skips})
-            self.skipped.extend(skips)
+            self.skip_counts.update(s["reason"] for s in skips)
 
     def commit_shard(self) -> None:
         if self._writer is None:
@@ -169,10 +186,23 @@ class ShardJournal:
         self._commit_skips()
 
     def write_skipped_report(self, path: Path | None = None) -> Path:
+        """``skipped.jsonl`` streamed from the journal (never held in memory)."""
         path = path or self.outdir / "skipped.jsonl"
-        atomic_write_text(path, "".join(json.dumps(s) + "\n" for s in self.skipped))
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(self.path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+            next(src)  # settings
+            for line in src:
+                for skip in json.loads(line).get("skipped", []):
+                    dst.write(json.dumps(skip) + "\n")
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, path)
         return path
 
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skip_counts.values())
+
     @staticmethod
-    def iter_pending(items: Iterable, done: set[str]) -> Iterable:
-        return (item for item in items if item.source not in done)
+    def iter_pending(items: Iterable, done: set[int]) -> Iterable:
+        return (item for item in items if input_id(item.source) not in done)

@@ -32,6 +32,11 @@ from .worker import WORKER_STATE, init_worker, make_analyzer, work
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "accord-face-shards/1"
+MAX_CONSECUTIVE_FAILURES = 50  # this many analysis errors in a row means broken models, not bad photos
+
+
+class AnalysisFailure(RuntimeError):
+    """Face analysis keeps failing: the models, not the inputs, are at fault."""
 
 
 @dataclass
@@ -137,7 +142,7 @@ def prepare_shards(cfg: PrepareConfig) -> dict[str, Any]:
 
     counts: collections.Counter = collections.Counter()
     times: collections.Counter = collections.Counter()
-    processed = 0
+    processed = failures = 0
     bar = tqdm(desc="prepare-shards", unit="img", disable=not cfg.progress, dynamic_ncols=True)
     try:
         for source, result, item_times in _ordered_window(ShardJournal.iter_pending(items, journal.done),
@@ -147,9 +152,14 @@ def prepare_shards(cfg: PrepareConfig) -> dict[str, Any]:
             if isinstance(result, Skip):
                 journal.add_skip(source, result.reason, result.detail)
                 counts[result.reason] += 1
+                failures = failures + 1 if result.reason == "analysis_error" else 0
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    raise AnalysisFailure(f"face analysis failed on {failures} inputs in a row (last: {source}: "
+                                          f"{result.detail}); check the models (--backend, --model-root)")
             else:
                 journal.add_sample(source, result)
                 counts["kept"] += 1
+                failures = 0
             times["write"] += time.perf_counter() - t0
             processed += 1
             bar.update(1)
@@ -185,12 +195,12 @@ def write_manifest(cfg: PrepareConfig, journal: ShardJournal, recognizer: dict) 
 
     import webdataset
 
-    by_reason = collections.Counter(s["reason"] for s in journal.skipped)
+    by_reason = journal.skip_counts
     manifest = {
         "format": MANIFEST_FORMAT,
         "shards": journal.shards,
         "num_samples": sum(s["samples"] for s in journal.shards),
-        "num_skipped": len(journal.skipped),
+        "num_skipped": journal.num_skipped,
         "skipped_by_reason": dict(sorted(by_reason.items())),
         "skip_reasons": {k: REASONS[k] for k in sorted(by_reason) if k in REASONS},
         "embedding_key": f"{recognizer['name']}.npy",

@@ -15,7 +15,7 @@ import typing
 
 from accord_face.config import ConfigError, load_config
 
-from .prepare import PrepareConfig, format_summary, prepare_shards
+from .prepare import AnalysisFailure, PrepareConfig, format_summary, prepare_shards
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -65,6 +65,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         summary = prepare_shards(cfg)
     except (ConfigError, SettingsMismatch, ModelNotFoundError, FileNotFoundError) as err:
         parser.exit(2, f"prepare_shards: error: {err}\n")
+    except AnalysisFailure as err:
+        parser.exit(1, f"prepare_shards: error: {err}\n(committed work is kept: rerun to resume)\n")
     print(format_summary(summary))
     if args.summary_json:
         with open(args.summary_json, "w", encoding="utf-8") as fh:

@@ -40,7 +40,10 @@ def work(item: InputItem) -> tuple[str, dict | Skip, dict]:
         except OSError as err:
             return item.source, Skip("unreadable", f"{type(err).__name__}: {err}"), {}
     read = time.perf_counter() - t0
-    result, times = process_item(data, item.caption, item.source, item.key, WORKER_STATE["settings"],
-                                 WORKER_STATE["analyzer"])
+    try:
+        result, times = process_item(data, item.caption, item.source, item.key, WORKER_STATE["settings"],
+                                     WORKER_STATE["analyzer"])
+    except Exception as err:  # a model / OpenCV failure on one odd image must not stop the run
+        return item.source, Skip("analysis_error", f"{type(err).__name__}: {str(err)[:300]}"), {}
     times["decode"] = times.get("decode", 0.0) + read
     return item.source, result, times

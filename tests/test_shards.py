@@ -265,3 +265,38 @@ def test_insightface_pack_writes_arcface_embeddings(tmp_path):
     assert {tuple(g["face_embedding"].shape) for g in got} == {(512,)}
     with pytest.raises(Exception, match="not found"):
         prepare_shards(_config(photos, tmp_path / "o2", backend="insightface", model_root=str(tmp_path / "none")))
+
+
+def test_analyzer_errors_skip_one_photo_but_stop_a_broken_model(tmp_path, monkeypatch):
+    import data_pipelines.prepare as prep
+    from accord_face.face import load_face_analyzer
+
+    real = load_face_analyzer("opencv-zoo")
+
+    class Flaky:  # raises on the grayscale cameraman only (R == G == B), like an OpenCV error on an odd image
+        def __init__(self, broken):
+            self.broken = broken
+            self.recognizer_name, self.embedding_dim, self.align_size = "sface", 128, 112
+
+        def analyze(self, image, max_faces=None):
+            if self.broken or (image[..., 0] == image[..., 1]).all():
+                raise RuntimeError("cv2.error: simulated")
+            return real.analyze(image, max_faces=max_faces)
+
+        def embed_aligned(self, crop):
+            return real.embed_aligned(crop)
+
+        def describe(self):
+            return real.describe()
+
+    photos = write_embedded_photos(tmp_path / "in", variants=False)
+    monkeypatch.setattr(prep, "make_analyzer", lambda cfg, threads: Flaky(broken=False))
+    summary = prepare_shards(_config(photos, tmp_path / "out"))
+    assert summary["num_samples"] == 2 and summary["skipped_now"] == {"analysis_error": 1}
+    skipped = json.loads((tmp_path / "out" / "skipped.jsonl").read_text())
+    assert skipped["source"] == "cameraman_orig.jpg" and "simulated" in skipped["detail"]
+
+    monkeypatch.setattr(prep, "make_analyzer", lambda cfg, threads: Flaky(broken=True))
+    monkeypatch.setattr(prep, "MAX_CONSECUTIVE_FAILURES", 3)
+    with pytest.raises(prep.AnalysisFailure, match="3 inputs in a row"):
+        prepare_shards(_config(photos, tmp_path / "out2"))
