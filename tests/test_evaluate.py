@@ -1,0 +1,147 @@
+"""`accord-face evaluate`: the run on the tiny pipeline, metrics.json schema, resume, and --compare."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from accord_face.cli import main
+from accord_face.evaluate import aggregate, load_identities, load_prompts
+from accord_face.evaluate_report import compare_metrics
+from accord_face.pipeline import GenerateError
+from data_pipelines.embedded import load_portrait, rephotos
+from test_pipeline_helpers import export_test_adapter, save_tiny_clip
+
+# The schema of metrics.json (version 1). Changing a key is a schema change: bump SCHEMA_VERSION.
+TOP_KEYS = {"schema_version", "adapter", "identity_model", "clip_model", "settings", "num_identities", "num_prompts",
+            "num_samples", "overall", "per_scale", "per_identity", "coupling"}
+SUMMARY_KEYS = {"n", "identity_similarity", "face_not_found_rate", "clip_t"}
+IDENTITY_MODEL_KEYS = {"recognizer", "backend", "embedding_dim", "same_as_conditioning"}
+DD_KEYS = {"discrepancy", "weighted_mean", "delta_by_quartile", "abs_delta_by_t", "num_samples", "source"}
+PD_KEYS = {"abs_gap", "signed_gap", "num_identities", "num_captions", "projection_model", "superclass"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_pipeline_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_inputs")
+    faces = root / "faces"
+    (faces / "grace").mkdir(parents=True)
+    grace = load_portrait("grace_hopper")
+    grace.save(faces / "grace" / "orig.jpg", quality=95)
+    rephotos(grace)[0][1].save(faces / "grace" / "mirror.png")
+    load_portrait("eileen_collins").save(faces / "eileen.png")
+    (root / "prompts.txt").write_text("# evaluation prompts\na photo of a person on a beach\n\na painting of a person\n")
+    return {"faces": faces, "prompts": root / "prompts.txt",
+            "adapter": export_test_adapter(tiny_pipeline_dir, root / "adapter"),
+            "clip": save_tiny_clip(root / "clip")}
+
+
+def _argv(inputs, out, scales="0,1"):
+    return ["evaluate", "--adapter", str(inputs["adapter"]), "--faces", str(inputs["faces"]), "--prompts",
+            str(inputs["prompts"]), "--scales", scales, "--seeds", "0", "--steps", "2", "--clip-model",
+            str(inputs["clip"]), "--coupling-samples", "2", "--coupling-timesteps", "2", "--out", str(out)]
+
+
+def test_evaluate_end_to_end_schema_resume(inputs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_argv(inputs, out)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m) == TOP_KEYS and m["schema_version"] == 1
+    assert set(m["overall"]) == SUMMARY_KEYS and set(m["identity_model"]) == IDENTITY_MODEL_KEYS
+    assert [set(r) for r in m["per_scale"]] == [SUMMARY_KEYS | {"scale"}] * 2
+    assert set(m["per_identity"]) == {"grace", "eileen"}
+    assert set(m["coupling"]) == {"adapter_scale", "dd", "pd"}
+    assert set(m["coupling"]["dd"]) == DD_KEYS and set(m["coupling"]["pd"]) == PD_KEYS
+    assert m["identity_model"]["same_as_conditioning"] is True  # only SFace is available offline
+    assert m["num_samples"] == 2 * 2 * 2 and m["clip_model"] == str(inputs["clip"])
+    assert m["coupling"]["dd"]["discrepancy"] > 0 and m["coupling"]["dd"]["source"] == "reference photos x prompts"
+
+    # The aggregates agree with the per-sample table, recomputed here.
+    rows = list(csv.DictReader((out / "samples.csv").open()))
+    assert len(rows) == 8 and {r["identity"] for r in rows} == {"grace", "eileen"}
+    for entry in m["per_scale"]:
+        sel = [r for r in rows if float(r["scale"]) == entry["scale"]]
+        assert entry["n"] == len(sel) == 4
+        assert entry["clip_t"] == pytest.approx(np.mean([float(r["clip_t"]) for r in sel]))
+        found = [float(r["identity_similarity"]) for r in sel if r["face_found"] == "True"]
+        assert entry["face_not_found_rate"] == pytest.approx(1 - len(found) / 4)
+        assert entry["identity_similarity"] == (pytest.approx(np.mean(found)) if found else None)
+
+    assert Image.open(out / "grid_grace.png").size == (2 * 64, 2 * 64)  # scales x prompts
+    assert Image.open(out / "tradeoff.png").format == "PNG"
+    report = (out / "report.md").read_text()
+    assert "| scale | identity similarity |" in report and "same as the conditioning recognizer" in report
+
+    # Rerun: everything is already measured, nothing is generated again, same numbers.
+    before = (out / "samples.jsonl").read_text()
+    assert main(_argv(inputs, out)) == 0
+    assert (out / "samples.jsonl").read_text() == before
+    assert json.loads((out / "metrics.json").read_text()) == m
+
+    # Other settings into the same folder: refused with a one-line message.
+    capsys.readouterr()
+    assert main(_argv(inputs, out, scales="0.5")) == 2
+    err = capsys.readouterr().err
+    assert "holds an evaluation with other settings" in err and "Traceback" not in err
+
+
+def test_inputs_are_checked(tmp_path):
+    (tmp_path / "faces" / "empty").mkdir(parents=True)
+    with pytest.raises(GenerateError, match="no photos"):
+        load_identities(tmp_path / "faces")
+    with pytest.raises(GenerateError, match="does not exist"):
+        load_prompts(tmp_path / "missing.txt")
+    (tmp_path / "p.txt").write_text("# only a comment\n\n")
+    with pytest.raises(GenerateError, match="holds no prompts"):
+        load_prompts(tmp_path / "p.txt")
+
+
+def test_aggregate_counts_missing_faces_as_failures():
+    recs = [{"identity": "a", "scale": 0.5, "face_found": True, "identity_similarity": 0.6, "clip_t": 30.0},
+            {"identity": "a", "scale": 0.5, "face_found": False, "identity_similarity": None, "clip_t": 20.0},
+            {"identity": "b", "scale": 1.0, "face_found": True, "identity_similarity": 0.2, "clip_t": 25.0},
+            {"identity": "b", "scale": 1.0, "face_found": True, "identity_similarity": 0.4, "clip_t": 27.0}]
+    agg = aggregate(recs, [1.0, 0.5], ["a", "b"])
+    assert [r["scale"] for r in agg["per_scale"]] == [0.5, 1.0]
+    assert agg["per_scale"][0] == {"scale": 0.5, "n": 2, "identity_similarity": 0.6, "face_not_found_rate": 0.5,
+                                   "clip_t": 25.0}
+    assert agg["overall"]["identity_similarity"] == pytest.approx(0.4)
+    assert agg["overall"]["face_not_found_rate"] == 0.25 and agg["per_identity"]["b"]["clip_t"] == 26.0
+
+
+def _crafted(id_sim: float, clip_t: float, dd: float | None) -> dict:
+    summary = {"n": 4, "identity_similarity": id_sim, "face_not_found_rate": 0.25, "clip_t": clip_t}
+    return {"schema_version": 1, "overall": summary,
+            "per_scale": [{"scale": 0.5, **summary, "identity_similarity": id_sim / 2}, {"scale": 1.0, **summary}],
+            "coupling": {"dd": {"discrepancy": dd} if dd is not None else {"skipped": "x"},
+                         "pd": {"abs_gap": 0.1, "signed_gap": -0.1}}}
+
+
+def test_compare_reports_the_right_deltas(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, data in [(a, _crafted(0.30, 25.0, 2.0)), (b, _crafted(0.42, 24.5, None))]:
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps(data))
+    rows = {r["metric"]: r for r in compare_metrics(_crafted(0.30, 25.0, 2.0), _crafted(0.42, 24.5, None))}
+    assert rows["overall.identity_similarity"]["delta"] == pytest.approx(0.12)
+    assert rows["overall.clip_t"]["delta"] == pytest.approx(-0.5)
+    assert rows["scale=0.5.identity_similarity"]["delta"] == pytest.approx(0.06)
+    assert rows["overall.face_not_found_rate"]["delta"] == 0
+    assert rows["coupling.dd.discrepancy"]["a"] == 2.0 and rows["coupling.dd.discrepancy"]["delta"] is None
+
+    assert main(["evaluate", "--compare", str(a), str(b)]) == 0
+    table = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:5]]
+             for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln}
+    assert table["overall.identity_similarity"] == ["0.3", "0.42", "+0.12"]
+    assert table["scale=1.overall".replace(".overall", ".clip_t")] == ["25", "24.5", "-0.5"]
+    assert table["coupling.dd.discrepancy"] == ["2", "n/a", "n/a"]
+
+    (b / "metrics.json").write_text(json.dumps({**_crafted(0.4, 24.0, 1.0), "schema_version": 99}))
+    assert main(["evaluate", "--compare", str(a), str(b)]) == 2
+    assert "schema_version 99" in capsys.readouterr().err
+    assert not math.isnan(rows["overall.clip_t"]["b"])
