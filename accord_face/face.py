@@ -252,7 +252,9 @@ class OpenCVZooAnalyzer(FaceAnalyzer):
 # ---------------------------------------------------------------- insightface
 def _insightface_pack_dir(model_root: str | os.PathLike | None, model_name: str) -> Path:
     root = Path(model_root).expanduser() if model_root else Path("~/.insightface").expanduser()
-    candidates = [root / "models" / model_name, root / model_name, root]
+    # models/<name>/ is insightface's layout; some pack zips unpack one level deeper (antelopev2).
+    candidates = [root / "models" / model_name, root / "models" / model_name / model_name, root / model_name,
+                  root, Path(model_name).expanduser()]
     for folder in candidates:
         if folder.is_dir() and any(folder.glob("*.onnx")):
             return folder
