@@ -31,6 +31,8 @@ from .config import field, to_dict
 
 log = logging.getLogger(__name__)
 
+# Which face backend computes a recognizer's embeddings, when the adapter does not record it.
+RECOGNIZER_BACKENDS = {"sface": "opencv-zoo", "arcface": "insightface"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -140,7 +142,7 @@ def make_face_analyzer(adapter_cfg: dict[str, Any], backend: Optional[str] = Non
     from .face import load_face_analyzer
 
     rec = adapter_cfg.get("recognizer") or {}
-    backend = backend or rec.get("backend") or "opencv-zoo"
+    backend = backend or rec.get("backend") or RECOGNIZER_BACKENDS.get(rec.get("name"), "opencv-zoo")
     try:
         analyzer = load_face_analyzer(backend=backend, model_root=model_root,
                                       model_name=rec.get("model_name") or rec.get("pack"))
