@@ -1,0 +1,58 @@
+"""The SDXL path of accord_face.pipeline on a tiny StableDiffusionXLPipeline built from small configs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from accord_face.pipeline import FaceIDGenerator
+from test_pipeline_helpers import as_array, export_test_adapter
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_dir(tmp_path_factory):
+    """Two text encoders (hidden 32 each -> cross-attention 64), text-time conditioning, 64 px / 8x8 latents."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from accord_face.tiny import make_tokenizer
+
+    tok = make_tokenizer()
+    n = len(tok)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownBlock2D",
+        "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=1)
+    vae = AutoencoderKL(block_out_channels=(8, 16, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=8, sample_size=64)
+    cfg = CLIPTextConfig(vocab_size=n, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, projection_dim=32, bos_token_id=n - 2, eos_token_id=n - 1,
+                         pad_token_id=n - 1, max_position_embeddings=77)
+    pipe = StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=CLIPTextModel(cfg), text_encoder_2=CLIPTextModelWithProjection(cfg),
+        tokenizer=tok, tokenizer_2=tok, scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                                                         beta_schedule="scaled_linear"))
+    folder = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def test_sdxl_adapter_loads_and_generates_reproducibly(tiny_sdxl_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    adapter = export_test_adapter(tiny_sdxl_dir, tmp_path / "adapter", unet=unet, is_sdxl=True)
+    assert json.loads((adapter / "adapter_config.json").read_text())["cross_attention_dim"] == 64
+    gen = FaceIDGenerator(adapter, device="cpu")
+    assert gen.is_sdxl and gen.describe()["pipeline"] == "StableDiffusionXLPipeline"
+    e = np.random.default_rng(0).standard_normal(128).astype(np.float32)
+    e /= np.linalg.norm(e)
+    a, b = (as_array(gen.generate(e, "a photo of a person", seeds=[1], steps=2, guidance=4.0)[0]) for _ in range(2))
+    c = as_array(gen.generate(-e, "a photo of a person", seeds=[1], steps=2, guidance=4.0)[0])
+    assert a.shape == (64, 64, 3) and np.array_equal(a, b) and np.abs(a - c).mean() > 0.5
