@@ -164,7 +164,8 @@ def _save(engine, cfg, parts, info, out: Path, step: int, stream: DataStream) ->
     _export(engine, cfg, parts, info, out, step)
     dist.barrier()  # every rank has written its shard of the checkpoint
     if dist.get_rank() == 0:
-        ckpt.mark_complete(root / tag, {"step": step, "time": time.time()})
+        ckpt.mark_complete(root / tag, {"step": step, "time": time.time(), "data": client["data"],
+                                        "world_size": client["world_size"]})
         ckpt.prune(root, cfg.checkpoint.keep_last)
     dist.barrier()
 
@@ -209,6 +210,7 @@ def train(cfg: TrainConfig) -> dict:
         torch.cuda.set_device(device)
     dtype = compute_dtype(cfg.deepspeed.precision, device)
     out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -266,7 +268,7 @@ def train(cfg: TrainConfig) -> dict:
         for _ in range(gas):
             batch = stream.next()
             if keys_log:
-                keys_log.write(json.dumps({"step": step, "keys": batch["__key__"]}) + "\n")
+                keys_log.write(json.dumps({"step": step, "epoch": stream.epoch, "keys": batch["__key__"]}) + "\n")
             sb = prepare_batch(batch, parts, cfg, step, device, dtype)
             terms = compute_losses(engine, sb, parts, cfg, step, f_s=f_s, ref=ref)
             engine.backward(terms["loss"])
