@@ -67,7 +67,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .config import ConfigError, from_dict
     from .pipeline import GenerateConfig, GenerateError, run_generate
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accord_face").setLevel(logging.INFO)
     keys = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
     try:
         summary = run_generate(from_dict(GenerateConfig, keys, source="command line"))
@@ -92,7 +93,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             return _user_error("evaluate", err)
         print(format_compare(compare_metrics(a, b), *args.compare))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accord_face").setLevel(logging.INFO)
     keys = {k: v for k, v in vars(args).items() if k not in ("command", "func", "compare") and v is not None}
     try:
         result = run_evaluate(from_dict(EvaluateConfig, keys, source="command line"))

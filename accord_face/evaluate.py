@@ -30,7 +30,7 @@ import torch
 from . import metrics
 from .config import field, to_dict
 from .pipeline import (IMAGE_SUFFIXES, FaceIDGenerator, GenerateError, atomic_save_image, atomic_write_text,
-                       identity_embedding, load_image_rgb, make_face_analyzer)
+                       identity_embedding, load_image_rgb, make_face_analyzer, read_adapter_config)
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +133,15 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     identities, prompts = load_identities(cfg.faces), load_prompts(cfg.prompts)
     settings = to_dict(cfg)
-    settings_path = out / "settings.json"
-    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
+    settings_path, samples_path = out / "settings.json", out / "samples.jsonl"
+    done = _load_done(samples_path)
+    if done and settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
         raise GenerateError(f"{out} holds an evaluation with other settings ({settings_path}); "
                             "use another --out or delete the folder")
     atomic_write_text(settings_path, json.dumps(settings, indent=2))
 
-    gen = FaceIDGenerator(cfg.adapter, cfg.pretrained, cfg.device)
-    cond = make_face_analyzer(gen.adapter_cfg)
+    # Faces first (cheap, and the likeliest user error), then the base model.
+    cond = make_face_analyzer(read_adapter_config(cfg.adapter))
     try:
         judge = load_face_analyzer(cfg.id_model, cfg.id_model_root, cfg.id_model_name)
     except (OSError, ValueError) as err:
@@ -150,17 +151,15 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         log.warning("identity similarity uses the conditioning recognizer (%s); scores may flatter the adapter",
                     judge.recognizer_name)
     scorer = metrics.IdentityScorer(judge)
-    clip = None if cfg.clip_model.lower() == "none" else _load_clip(cfg.clip_model, gen.device)
-
     cond_embeds, refs = {}, {}
     for name, photos in identities.items():
         cond_embeds[name], _ = identity_embedding(cond, photos)
         refs[name] = scorer.reference([load_image_rgb(p) for p in photos])
         if refs[name] is None:
             raise GenerateError(f"the identity model finds no face in any photo of {name!r} ({photos[0].parent})")
+    gen = FaceIDGenerator(cfg.adapter, cfg.pretrained, cfg.device)
+    clip = None if cfg.clip_model.lower() == "none" else _load_clip(cfg.clip_model, gen.device)
 
-    samples_path = out / "samples.jsonl"
-    done = _load_done(samples_path)
     jobs = [(n, i, s) for n in identities for i in range(len(prompts)) for s in cfg.scales]
     with samples_path.open("a") as log_file, tqdm(total=len(jobs) * len(cfg.seeds), desc="evaluate") as bar:
         for name, p_idx, scale in jobs:

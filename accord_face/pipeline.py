@@ -294,9 +294,10 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     """Analyse the reference photos, generate num_images per prompt, write images + grid + generate.json."""
     from importlib.metadata import version
 
-    gen = FaceIDGenerator(cfg.adapter, cfg.pretrained, cfg.device)
-    analyzer = make_face_analyzer(gen.adapter_cfg, cfg.face_backend, cfg.face_model_root)
+    # Faces first: a bad photo fails in a second, before a multi-GB base model is loaded.
+    analyzer = make_face_analyzer(read_adapter_config(cfg.adapter), cfg.face_backend, cfg.face_model_root)
     embedding, photo_notes = identity_embedding(analyzer, cfg.faces)
+    gen = FaceIDGenerator(cfg.adapter, cfg.pretrained, cfg.device)
     out = Path(cfg.out)
     records, images = [], []
     for p_idx, prompt in enumerate(cfg.prompts):
