@@ -291,6 +291,9 @@ def train(cfg: TrainConfig) -> dict:
                 stats[f"delta_q{q}"] = v
         if device.type == "cuda":
             stats["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        else:
+            import resource
+            stats["mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # peak RSS (KiB -> GiB)
         last = stats
         if rank == 0:
             with open(metrics_path, "a") as fh:

@@ -61,6 +61,8 @@ class IdentityAdapterModel(nn.Module):
                 added_cond_kwargs: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = next(self.encoder.parameters()).dtype
         tokens = self.encoder(id_embeds.to(dtype))                      # (B, K, cad)
+        if added_cond_kwargs is not None:                               # SDXL pooled embeds / time ids
+            added_cond_kwargs = {k: v.to(dtype) for k, v in added_cond_kwargs.items()}
         pred = self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=(text.to(dtype), [tokens]),
                          added_cond_kwargs=added_cond_kwargs).sample    # (B, C, h, w)
         return pred, tokens
