@@ -136,7 +136,8 @@ def prepare_shards(cfg: PrepareConfig) -> dict[str, Any]:
     pool = None
     if cfg.workers > 0:
         ctx = mp.get_context("spawn" if sys.platform == "darwin" else "forkserver")
-        pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=init_worker, initargs=(cfg,))
+        pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=init_worker,
+                                   initargs=(cfg, os.getpid()))
     else:
         WORKER_STATE["analyzer"], WORKER_STATE["settings"] = analyzer, cfg.process_settings()
 

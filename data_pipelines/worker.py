@@ -6,6 +6,8 @@ Kept apart from ``prepare`` so a worker imports only PIL, numpy, cv2 and onnxrun
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from typing import Any
 
@@ -22,7 +24,33 @@ def make_analyzer(cfg, threads: int | None):
                               threads=threads)
 
 
-def init_worker(cfg) -> None:
+def _parent_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed parent that nobody has reaped yet is a zombie: dead too
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _exit_with_parent(pid: int, interval: float = 1.0) -> None:
+    """Workers exit when the main process dies, even by SIGKILL (no orphans hold the CPU)."""
+    def watch() -> None:
+        while _parent_alive(pid):
+            time.sleep(interval)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def init_worker(cfg, parent_pid: int | None = None) -> None:
+    if parent_pid:
+        _exit_with_parent(parent_pid)
     WORKER_STATE["analyzer"] = make_analyzer(cfg, cfg.threads_per_worker)
     WORKER_STATE["settings"] = cfg.process_settings()
 

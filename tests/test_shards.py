@@ -157,6 +157,18 @@ def test_keep_largest_face_and_require_caption(messy_folder, tmp_path):
     assert summary["num_samples"] == 3  # hopper, collins (captioned) + the largest of two people
 
 
+def _group_alive(pgid: int) -> bool:
+    """Any live (non-zombie) process left in process group ``pgid``?"""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_bytes().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":  # fields: state, ppid, pgrp, ...
+            return True
+    return False
+
+
 def _journal_shard_lines(out: Path) -> int:
     try:
         return (out / JOURNAL).read_text().count('"shard": {')
@@ -172,15 +184,26 @@ def test_sigkill_then_rerun_keeps_each_input_once(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "prepare_shards.py"), "--input", str(photos),
            "--output", str(out), "--shard-size", "2", "--resolution", "64", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while _journal_shard_lines(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    done_before = _journal_shard_lines(out)
-    assert 2 <= done_before < 12
+    # One worker process, in a session of its own so that we can see it go away.
+    proc = subprocess.Popen(cmd + ["--workers", "1"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while _journal_shard_lines(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)  # the main process only, as the OOM killer would
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+        done_before = _journal_shard_lines(out)
+        assert 2 <= done_before < 12
+        # The orphaned worker (and forkserver) notice and exit on their own.
+        deadline = time.monotonic() + 30
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(proc.pid), "worker processes outlived the killed main process"
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
 
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
