@@ -90,6 +90,10 @@ class ShardJournal:
     # -- restart -------------------------------------------------------------
     def _load(self) -> None:
         if not self.path.exists():
+            foreign = sorted(self.outdir.glob(f"{self.prefix}-*.tar"))
+            if foreign:  # never delete shards that this journal did not write
+                raise SettingsMismatch(f"{self.outdir} already holds {foreign[0].name} (and maybe more) but no "
+                                       f"{JOURNAL}: choose an empty --output folder or another --prefix")
             self._append({"settings": self.settings})
             return
         good = 0  # bytes of complete records; a torn tail (killed mid-write) is cut off

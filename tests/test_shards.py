@@ -238,6 +238,11 @@ def test_changed_settings_refuse_to_resume(tmp_path):
     prepare_shards(_config(photos, tmp_path / "out"))
     with pytest.raises(SettingsMismatch, match="resolution"):
         prepare_shards(_config(photos, tmp_path / "out", resolution=128))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "faces-000000.tar").write_bytes(b"someone else's shard")
+    with pytest.raises(SettingsMismatch, match="already holds faces-000000.tar"):
+        prepare_shards(_config(photos, tmp_path / "other"))
+    assert (tmp_path / "other" / "faces-000000.tar").read_bytes() == b"someone else's shard"
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_shards.py"), "--input", str(photos),
                           "--output", str(tmp_path / "out"), "--min-face", "2"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
