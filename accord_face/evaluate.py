@@ -229,7 +229,8 @@ def aggregate(records: list[dict], scales: list[float], identities: list[str]) -
 
 
 def _holdout_batch(gen: FaceIDGenerator, cfg: EvaluateConfig, identities: dict[str, list[Path]],
-                   prompts: list[str], cond_embeds: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[str], torch.Tensor, str]:
+                   prompts: list[str], cond_embeds: dict[str, np.ndarray]
+                   ) -> tuple[torch.Tensor, list[str], torch.Tensor, str]:
     """(pixels (B, 3, R, R) in [-1, 1], captions, identity embeddings (B, D), source description)."""
     from .data import build_dataset, load_image
 

@@ -144,7 +144,10 @@ def load_metrics(path: str | Path) -> dict:
 
 
 def flat_metrics(m: dict) -> dict[str, float | None]:
-    """The comparable numbers of one report, keyed ``overall.clip_t``, ``scale=0.6.clip_t``, ``coupling.dd.discrepancy``."""
+    """The comparable numbers of one report.
+
+    Keys: ``overall.clip_t``, ``scale=0.6.clip_t``, ``coupling.dd.discrepancy``, ...
+    """
     flat: dict[str, float | None] = {}
     for k in SUMMARY_METRICS:
         flat[f"overall.{k}"] = m["overall"].get(k)

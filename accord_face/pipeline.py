@@ -102,7 +102,9 @@ def adapter_weight_shapes(adapter_dir: str | os.PathLike) -> tuple[int, int]:
         keys = set(f.keys())
         if {"image_proj.norm.weight", "image_proj.proj.0.weight"} - keys:
             raise GenerateError(f"{path} is not an IP-Adapter FaceID file (no image_proj.norm / image_proj.proj.0)")
-        return f.get_slice("image_proj.norm.weight").get_shape()[0], f.get_slice("image_proj.proj.0.weight").get_shape()[1]
+        cad = f.get_slice("image_proj.norm.weight").get_shape()[0]
+        id_dim = f.get_slice("image_proj.proj.0.weight").get_shape()[1]
+        return cad, id_dim
 
 
 def resolve_base_model(adapter_cfg: dict[str, Any], override: Optional[str]) -> str:

@@ -133,7 +133,8 @@ def test_dependence_discrepancy_matches_epsilon_space_form(ip_pipe):
     assert res.timesteps == [250, 750]
 
     # Independent: four separate UNet calls, then DESIGN.md's epsilon-space form
-    #   Delta_t = w_t [||e_pg-e_p||^2 + ||e_pg-e_g||^2 - ||e_pg-e_0||^2],  w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1-abar_t))
+    #   Delta_t = w_t [||e_pg-e_p||^2 + ||e_pg-e_g||^2 - ||e_pg-e_0||^2]
+    #   w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1-abar_t))
     T = 1000
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
     acp, betas = sched.alphas_cumprod.double(), sched.betas.double()
