@@ -49,7 +49,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _user_error(command: str, err: Exception) -> int:
     """One line on stderr, no traceback, exit code 2: for problems the user can fix."""
-    print(f"accord-face {command}: error: {err}", file=sys.stderr)
+    message = " ".join(str(err).split())  # one line, whatever the exception text held
+    print(f"accord-face {command}: error: {message}", file=sys.stderr)
     return 2
 
 

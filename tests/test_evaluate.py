@@ -101,6 +101,13 @@ def test_inputs_are_checked(tmp_path):
         load_prompts(tmp_path / "p.txt")
 
 
+def test_missing_identity_model_is_a_one_line_error(inputs, tmp_path, capsys):
+    argv = _argv(inputs, tmp_path / "run") + ["--id-model", "insightface", "--id-model-root", str(tmp_path / "none")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("accord-face evaluate: error: identity model 'insightface':") and "\n" not in err
+
+
 def test_aggregate_counts_missing_faces_as_failures():
     recs = [{"identity": "a", "scale": 0.5, "face_found": True, "identity_similarity": 0.6, "clip_t": 30.0},
             {"identity": "a", "scale": 0.5, "face_found": False, "identity_similarity": None, "clip_t": 20.0},

@@ -167,3 +167,14 @@ def test_error_recognizer_mismatch(tiny_pipeline_dir, photos, tmp_path, capsys):
 
 def test_generate_error_is_a_runtime_error():
     assert issubclass(GenerateError, RuntimeError)
+
+
+def test_base_model_defaults_to_the_recorded_one(tiny_pipeline_dir, tmp_path):
+    from accord_face.pipeline import resolve_base_model
+
+    recorded = {"base_model": "embedded:tiny", "base_model_path": str(tmp_path / "moved-away")}
+    assert resolve_base_model(recorded, None) == tiny_pipeline_dir  # embedded name -> the cached build
+    assert resolve_base_model({**recorded, "base_model_path": tiny_pipeline_dir}, None) == tiny_pipeline_dir
+    assert resolve_base_model(recorded, "some/hub-id") == "some/hub-id"
+    with pytest.raises(GenerateError, match="records no base model; pass --pretrained"):
+        resolve_base_model({}, None)
