@@ -20,8 +20,8 @@ from accord_face.lora.train import train_lora
 CONFIG = Path(__file__).parents[1] / "configs" / "lora_tiny.yaml"
 FAST = ["validation.inference_steps=1", "validation.images_per_prompt=1", "validation.prompts=['sks backpack']",
         "log_every=100", "checkpoint_every=2", "data.synthetic_count=3"]
-TRAINED = ["lora.rank=4", "lora.alpha=16", "learning_rate=0.01",
-           "textual_inversion.enabled=true", "textual_inversion.learning_rate=0.1"]
+TRAINED = ["lora.rank=4", "lora.alpha=16", "learning_rate=0.01", "textual_inversion.enabled=true",
+           "textual_inversion.learning_rate=0.1", "prior.enabled=true", "prior.num_images=2", "prior.inference_steps=1"]
 
 
 def config(pipeline_dir, out, *overrides) -> LoraTrainConfig:
@@ -31,7 +31,7 @@ def config(pipeline_dir, out, *overrides) -> LoraTrainConfig:
 
 @pytest.fixture(scope="module")
 def trained(tiny_pipeline_dir, tmp_path_factory):
-    """2 steps with UNet LoRA (alpha != rank), DDLoss, PDLoss and a learned token, uninterrupted."""
+    """2 steps: UNet LoRA (alpha != rank), DDLoss, PDLoss, a learned token, prior preservation; uninterrupted."""
     out = tmp_path_factory.mktemp("lora_full")
     return train_lora(config(tiny_pipeline_dir, out, "max_steps=2", *TRAINED), log=lambda *a: None)
 
@@ -49,7 +49,8 @@ def test_training_changes_unet_and_export_reloads_with_load_lora_weights(trained
 
     out = Path(trained["output_dir"])
     assert (out / "config.yaml").is_file() and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    assert Path(trained["grid"]).is_file()
+    assert Path(trained["grid"]).is_file() and len(list((out / "class_images").glob("class-*.png"))) == 2
+    assert {"mse", "prior", "dd", "pd", "dd_ratio", "lambda_dd"} <= set(trained["last"])
     assert load_config(LoraTrainConfig, out / "config.yaml").pretrained_model == tiny_pipeline_dir
     models = trained["models"]
     models.unet.eval()
@@ -78,6 +79,37 @@ def test_resume_from_newest_checkpoint_matches_uninterrupted_run(trained, tiny_p
     assert a.keys() == b.keys() and "token_embedding" in a
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_two_processes_under_accelerate_launch_equal_one_process_with_twice_the_batch(tiny_pipeline_dir, tmp_path):
+    """Per-sample seeding + gradient averaging: 2 ranks x batch 1 take the same step as 1 rank x batch 2."""
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    overrides = [f"pretrained_model={tiny_pipeline_dir}", "max_steps=1", *FAST, *TRAINED[:5]]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), str(Path(__file__).parents[1] / "scripts" / "train_lora.py"), "--config", str(CONFIG),
+           f"output_dir={tmp_path / 'two'}", "batch_size=1", *overrides]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 process(es)" in run.stdout + run.stderr
+    one = train_lora(config(tiny_pipeline_dir, tmp_path / "one", "batch_size=2", "max_steps=1", *TRAINED[:5]),
+                     log=lambda *a: None)
+    a = load_file(str(tmp_path / "two" / "checkpoints" / "step-000001" / "trainable.safetensors"))
+    b = trainable_state(one["models"])
+    assert a.keys() == b.keys()
+    # Adam's first step is lr * g / (|g| + eps): elementwise ~ lr * sign(g), so float noise in a near-zero
+    # gradient element can flip it. Unaveraged or unsummed gradients flip ~10-20 % of all elements.
+    flat_a, flat_b = (torch.cat([d[k].flatten() for k in sorted(d)]) for d in (a, b))
+    mismatched = ((flat_a - flat_b).abs() > 1e-5).float().mean()
+    assert mismatched < 0.01, f"{float(mismatched):.1%} of the weights differ after one step"
 
 
 # ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -35,28 +36,65 @@ def vae_scale(models: LoraModels) -> int:
 
 
 @torch.no_grad()
-def encode_images(models: LoraModels, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> scaled VAE latents (B, 4, H/f, W/f), fp32."""
+def encode_images(models: LoraModels, pixels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> scaled VAE latents (B, 4, H/f, W/f), fp32; ``eps`` draws the posterior sample."""
     dist = models.vae.encode(pixels.to(models.device, models.vae.dtype)).latent_dist
-    noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
-    return ((dist.mean + dist.std * noise) * models.vae.config.scaling_factor).float()
+    return ((dist.mean + dist.std * eps.to(dist.mean)) * models.vae.config.scaling_factor).float()
+
+
+def _draws(cfg: LoraTrainConfig, first: int, count: int, shape: tuple, T: int, salt: int):
+    """Per-sample randomness (VAE posterior eps, noise, t) seeded by the global sample index.
+
+    Seeding per sample, not per micro-batch, makes N processes x batch B draw exactly
+    what one process with batch N*B draws, so a multi-process step equals the single-process one.
+    """
+    eps, noise, t = [], [], []
+    for k in range(first, first + count):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_033 + salt + 2 * k)
+        eps.append(torch.randn(shape, generator=gen))
+        noise.append(torch.randn(shape, generator=gen))
+        t.append(torch.randint(0, T, (1,), generator=gen))
+    return torch.stack(eps), torch.stack(noise), torch.cat(t)
 
 
 def make_batch(models: LoraModels, refset: ReferenceSet, class_paths, cfg: LoraTrainConfig, index: int) -> Batch:
-    """Micro-batch number ``index`` of this process: a pure function of (seed, index)."""
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_033 + index)
+    """Micro-batch number ``index`` (samples index*B .. index*B+B-1): a pure function of (seed, index)."""
     pixels, prompts = refset.batch(index, cfg.batch_size)
-    latents = encode_images(models, pixels, gen)
     T = models.scheduler.config.num_train_timesteps
-    batch = Batch(latents, prompts, torch.randn(latents.shape, generator=gen),
-                  torch.randint(0, T, (latents.shape[0],), generator=gen))
+    f = vae_scale(models)
+    shape = (models.vae.config.latent_channels, pixels.shape[-2] // f, pixels.shape[-1] // f)
+    eps, noise, t = _draws(cfg, index * cfg.batch_size, cfg.batch_size, shape, T, salt=0)
+    batch = Batch(encode_images(models, pixels, eps), prompts, noise, t)
     if class_paths:
         cpix, cprompts = class_image_batch(class_paths, cfg.prior.class_prompt, index, cfg.batch_size,
                                            refset.resolution, cfg.data, cfg.seed)
-        batch.class_latents = encode_images(models, cpix, gen)
-        batch.class_noise = torch.randn(batch.class_latents.shape, generator=gen)
-        batch.class_timesteps = torch.randint(0, T, (cfg.batch_size,), generator=gen)
+        eps, batch.class_noise, batch.class_timesteps = _draws(cfg, index * cfg.batch_size, cfg.batch_size,
+                                                               shape, T, salt=1)
+        batch.class_latents = encode_images(models, cpix, eps)
+        batch.class_prompts = cprompts
     return batch
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Mean of the gradients over all processes, as one flat all-reduce (no-op for a single process).
+
+    torch.distributed directly: on CPU accelerate reports DistributedType.NO for a gloo group,
+    and its ``reduce`` then divides by the world size without summing.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])  # (N,)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
 
 
 def prepare_references(cfg: LoraTrainConfig, out: Path, resolution: int, log) -> list:
@@ -81,15 +119,25 @@ def prepare_references(cfg: LoraTrainConfig, out: Path, resolution: int, log) ->
 
 def train_lora(cfg: LoraTrainConfig, log=print) -> dict:
     """Train, checkpoint, export; returns paths, the last logged terms and the trained ``models``."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, InitProcessGroupKwargs
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no")
+    cuda = torch.cuda.is_available()
+    # Several CPU processes (accelerate launch on a laptop, tests) talk over gloo; a lone process needs no group.
+    gloo = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision if cuda else "no",
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if gloo else [])
     main = accelerator.is_main_process
     log = log if main else (lambda *a, **k: None)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed + accelerator.process_index)
+    # Same seed on every rank: LoRA A matrices must start identical. Per-step randomness is seeded per sample.
+    torch.manual_seed(cfg.seed)
 
+    if main:  # build an embedded pipeline once, before the other ranks read it
+        from ..tiny import resolve_pretrained
+
+        resolve_pretrained(cfg.pretrained_model)
+    accelerator.wait_for_everyone()
     models = load_models(cfg, accelerator.device)
     resolution = cfg.resolution or models.unet.config.sample_size * vae_scale(models)
     cfg = dataclasses.replace(cfg, resolution=resolution)
@@ -141,11 +189,7 @@ def train_lora(cfg: LoraTrainConfig, log=print) -> dict:
             accelerator.backward(terms["loss"] / cfg.gradient_accumulation)
             for k, v in list(terms.items()) + list(stats.items()):
                 sums[k] = sums.get(k, 0.0) + float(torch.as_tensor(v).detach()) / cfg.gradient_accumulation
-        if accelerator.num_processes > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad = accelerator.reduce(p.grad, reduction="mean")
+        average_gradients(params)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
