@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean testbed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo-lora: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The ACCORD coupling testbed (README "Does ACCORD help?"): results in testbed_out/.
+testbed: $(STAMP)
+	$(PY) scripts/run_testbed.py --config configs/testbed.yaml
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -1,0 +1,84 @@
+"""Train (or load from cache) the base text-to-image model of the testbed.
+
+Resumable: a checkpoint (weights, EMA, optimizer, step, RNG) is written
+atomically every ``checkpoint_every`` steps; a rerun continues from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from accord_face.testbed.config import BaseModelConfig
+from accord_face.testbed.model import T2I, build_scheduler
+from accord_face.testbed.world import random_scene, render_batch, scene_caption
+
+log = logging.getLogger(__name__)
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def base_batch(rng: np.random.Generator, n: int, dropout: float) -> tuple[torch.Tensor, list[str]]:
+    """n random base-world scenes (0-2 base shapes, never the target) and captions (some dropped)."""
+    scenes = []
+    for _ in range(n):
+        k = int(rng.choice(3, p=[0.1, 0.45, 0.45]))
+        scenes.append(random_scene(rng, min_objects=k, max_objects=k))
+    caps = ["" if rng.random() < dropout else scene_caption(s) for s in scenes]
+    return torch.from_numpy(render_batch(scenes)), caps
+
+
+def train_base(cfg: BaseModelConfig, cache: Path) -> T2I:
+    """Return the EMA base model, training it (resumably) if ``cache/base_model.pt`` is missing."""
+    cache.mkdir(parents=True, exist_ok=True)
+    final, ckpt_path = cache / "base_model.pt", cache / "base_ckpt.pt"
+    model = T2I(cfg.seed)
+    if final.exists():
+        model.load_state_dict(torch.load(final, weights_only=True))
+        return model.eval()
+    torch.set_num_threads(cfg.threads)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = build_scheduler()
+    rng, step = np.random.default_rng(cfg.seed), 0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
+        step, rng.bit_generator.state = ck["step"], ck["rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        log.info("base model: resuming at step %d from %s", step, ckpt_path)
+    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="base model", mininterval=30)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / 200)
+        x0, caps = base_batch(rng, cfg.batch_size, cfg.caption_dropout)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],))
+        loss = (model(sched.add_noise(x0, noise, t), t, model.encode(caps)) - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - cfg.ema_decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % 100 == 0:
+            log.info("base step %d loss %.4f", step + 1, loss.item())
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                         "step": step + 1, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()},
+                        ckpt_path)
+    atomic_save(ema.state_dict(), final)
+    ckpt_path.unlink(missing_ok=True)
+    return ema.eval()

@@ -1,0 +1,143 @@
+"""Orchestrate the coupling testbed: base model -> judge -> calibration -> arms -> results.
+
+Everything expensive is cached: the base model and judge under ``cache_dir``,
+every (arm, reference set, seed) run as its own JSON written atomically in
+``out_dir/runs``. A rerun skips what is finished, so a crash loses one run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from accord_face.config import to_dict
+from accord_face.testbed.arms import CONTEXTS, calibrate_lambda, finetune, make_arms, reference_set
+from accord_face.testbed.base import train_base
+from accord_face.testbed.config import TestbedConfig
+from accord_face.testbed.evaluate import METRICS, evaluate_model, prompt_accuracy, summarize
+from accord_face.testbed.judge import train_judge
+from accord_face.testbed.report import save_grid, write_plot, write_table
+
+log = logging.getLogger(__name__)
+
+
+def write_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def cached_json(path: Path, make):
+    if path.exists():
+        return json.loads(path.read_text())
+    obj = make()
+    write_json(obj, path)
+    return obj
+
+
+def _tail_mean(xs: list[float], frac: float, last: bool) -> float | None:
+    if not xs:
+        return None
+    k = max(1, int(len(xs) * frac))
+    return float(np.mean(xs[-k:] if last else xs[:k]))
+
+
+def run_testbed(cfg: TestbedConfig) -> dict:
+    out, cache = Path(cfg.out_dir), Path(cfg.cache_dir)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "samples").mkdir(exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    ev = cfg.eval
+
+    base = train_base(cfg.base, cache)
+    judge, judge_report = train_judge(cfg.judge, cache)
+    log.info("judge held-out accuracy: %s", judge_report)
+    base_acc = cached_json(out / "base_prompt_accuracy.json", lambda: prompt_accuracy(
+        base, judge, 96, 777, ev.sample_steps, ev.guidance, cfg.judge.threshold))
+    log.info("base-model prompt accuracy: %s", base_acc)
+
+    arms = make_arms(cfg.finetune)
+    names = cfg.arms or list(arms)
+    unknown = [a for a in names if a not in arms]
+    if unknown:
+        raise ValueError(f"testbed: unknown arm(s) {unknown} in 'arms'; choose from {list(arms)}")
+    refsets = {r: reference_set(r, cfg.finetune.n_refs) for r in cfg.ref_sets}
+    for r, refs in refsets.items():
+        save_grid(refs.images, [f"ref{r}"] * len(refs.backgrounds), out / "samples" / f"references_{r}.png")
+
+    # L_DD / L_base on the base model depends only on how L_DD is formed (timesteps, background words),
+    # not on lambda, warm-up or who computes the branches (live == frozen before fine-tuning).
+    def dd_kind(a: str) -> str:
+        return f"t={arms[a].timesteps},keep_bg={arms[a].keep_background}"
+
+    def calibration():
+        kinds = {dd_kind(a): a for a in names if arms[a].ratio > 0}
+        return {f"{kind}/{r}": calibrate_lambda(base, replace(arms[a], ratio=1.0), refs, cfg.finetune)
+                for kind, a in kinds.items() for r, refs in refsets.items()}
+    calib = cached_json(out / "calibration.json", calibration)
+
+    def one_run(arm_name: str, r: int, seed: int) -> dict:
+        path = out / "runs" / f"{arm_name}_ref{r}_seed{seed}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        t0 = time.time()
+        logs: dict = {}
+        lam = 0.0
+        if arm_name == "base":
+            model = base
+        else:
+            arm = arms[arm_name]
+            lam = arm.ratio * calib[f"{dd_kind(arm_name)}/{r}"]["lambda"] if arm.ratio > 0 else 0.0
+            model, logs = finetune(base, arm, refsets[r], cfg.finetune, seed, lam)
+        means, raw = evaluate_model(model, judge, CONTEXTS[r], seed, ev.images_per_prompt, ev.sample_steps,
+                                    ev.guidance, cfg.judge.threshold)
+        if seed == cfg.seeds[0]:
+            save_grid(raw["images"], [_labels(raw, k) for k in range(len(raw["prompts"]))],
+                      out / "samples" / f"{arm_name}_ref{r}_seed{seed}.png")
+        res = {"arm": arm_name, "ref_set": r, "seed": seed, "lambda_dd": lam, "metrics": means,
+               "n_images": raw["n_target"], "seconds": round(time.time() - t0, 1),
+               "L_base_first": _tail_mean(logs.get("L_base", []), 0.2, False),
+               "L_base_last": _tail_mean(logs.get("L_base", []), 0.2, True),
+               "L_DD_first": _tail_mean(logs.get("L_DD", []), 0.2, False),
+               "L_DD_last": _tail_mean(logs.get("L_DD", []), 0.2, True),
+               "ratio_mean": _tail_mean(logs.get("ratio", []), 1.0, True),
+               "delta_by_quartile": {q: {"first": _tail_mean(v, 0.2, False), "last": _tail_mean(v, 0.2, True)}
+                                     for q, v in logs.get("delta_by_quartile", {}).items()}}
+        write_json(res, path)
+        log.info("%s ref%d seed%d: %s (%.0fs)", arm_name, r, seed,
+                 {k: round(v, 3) for k, v in means.items()}, res["seconds"])
+        return res
+
+    runs: dict[str, list[dict]] = {}
+    for seed in cfg.seeds:           # seeds outermost: every arm gets a run before any gets a second
+        for r in cfg.ref_sets:
+            for a in ["base"] + names:
+                runs.setdefault(a, []).append(one_run(a, r, seed))
+
+    results = {"config": to_dict(cfg), "judge_accuracy": judge_report, "base_prompt_accuracy": base_acc,
+               "calibration": calib, "arms": {}}
+    for a, rs in runs.items():
+        entry = {m: summarize([x["metrics"][m] for x in rs]) for m in METRICS}
+        entry["n_images"] = int(sum(x["n_images"] for x in rs))
+        entry["lambda_dd"] = sorted({round(x["lambda_dd"], 6) for x in rs})
+        entry["ratio_achieved"] = [x["ratio_mean"] for x in rs]
+        entry["runs"] = [{k: x[k] for k in ("ref_set", "seed", "metrics", "L_base_first", "L_base_last",
+                                            "L_DD_first", "L_DD_last", "delta_by_quartile")} for x in rs]
+        results["arms"][a] = entry
+    write_json(results, out / "results.json")
+    write_table(results, out / "table.md")
+    write_plot(results, out / "coupling_vs_fidelity.png")
+    return results
+
+
+def _labels(raw: dict, k: int) -> str:
+    from accord_face.testbed.world import BG_NAMES, SHAPES
+    found = [s[:3] for i, s in enumerate(SHAPES) if raw["present"][k, i]]
+    return ",".join(found) + "/" + BG_NAMES[int(raw["bg"][k])][:3]

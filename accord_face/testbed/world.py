@@ -1,0 +1,131 @@
+"""The synthetic world: shapes on coloured backgrounds, captions from a small grammar.
+
+Every sample carries its exact ground truth (which shapes, which background),
+so the judges can be trained on unlimited renders and generated images can be
+scored without a human in the loop.
+
+Grammar:  caption := [objects] "on a" BG "background"
+          objects := object | object "and" object
+          object  := "a" COLOUR SHAPE | "a sks"
+"sks" is the rare token of the personalization target: an orange X that the
+base model never sees (neither the word nor the shape).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SIZE = 32  # image side in pixels
+SUPERSAMPLE = 4  # render at 4x and box-filter down: anti-aliased edges
+
+BASE_SHAPES = ("circle", "square", "triangle")
+TARGET_SHAPE = "xmark"  # drawn for the rare token "sks"
+TARGET_TOKEN = "sks"
+SHAPES = BASE_SHAPES + (TARGET_SHAPE,)  # judge label order
+OBJECT_COLOURS = {"red": (230, 40, 40), "yellow": (240, 220, 40), "white": (245, 245, 245), "cyan": (40, 220, 230)}
+TARGET_COLOUR = (255, 140, 0)
+BACKGROUNDS = {"black": (20, 20, 20), "green": (30, 120, 40), "purple": (100, 40, 130), "blue": (30, 50, 160)}
+BG_NAMES = tuple(BACKGROUNDS)
+VOCAB = ("a", "and", "on", "background", TARGET_TOKEN) + BASE_SHAPES + tuple(OBJECT_COLOURS) + BG_NAMES
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str           # one of SHAPES
+    colour: str          # OBJECT_COLOURS key, or "orange" for the target
+    cx: float            # centre, pixels
+    cy: float
+    size: float          # half-extent, pixels
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]
+    background: str
+
+    def labels(self) -> np.ndarray:
+        """Multi-hot shape presence (len(SHAPES),) followed by the background index."""
+        present = np.zeros(len(SHAPES), dtype=np.float32)
+        for o in self.objects:
+            present[SHAPES.index(o.shape)] = 1.0
+        return np.concatenate([present, np.array([BG_NAMES.index(self.background)], dtype=np.float32)])
+
+
+def object_phrase(o: Obj) -> str:
+    return f"a {TARGET_TOKEN}" if o.shape == TARGET_SHAPE else f"a {o.colour} {o.shape}"
+
+
+def caption(objects: list[str] | tuple[str, ...], background: str | None) -> str:
+    """Join object phrases ("a red circle", "a sks") and an optional background into a caption."""
+    words = " and ".join(objects)
+    if background is not None:
+        words = (words + " " if words else "") + f"on a {background} background"
+    return words
+
+
+def scene_caption(scene: Scene) -> str:
+    return caption([object_phrase(o) for o in scene.objects], scene.background)
+
+
+def _mask(shape: str, cx: float, cy: float, size: float, n: int) -> np.ndarray:
+    """Boolean (n, n) coverage of one shape on an n-pixel canvas (coordinates already scaled)."""
+    yy, xx = np.mgrid[0:n, 0:n] + 0.5
+    dx, dy = xx - cx, yy - cy
+    if shape == "circle":
+        return dx ** 2 + dy ** 2 <= size ** 2
+    if shape == "square":
+        return (np.abs(dx) <= size * 0.85) & (np.abs(dy) <= size * 0.85)
+    if shape == "triangle":  # apex up, base at +size
+        return (dy <= size * 0.8) & (dy >= -size) & (np.abs(dx) <= (dy + size) * 0.6)
+    if shape == TARGET_SHAPE:  # two diagonal bars
+        w = size * 0.32
+        inside = (np.abs(dx) <= size) & (np.abs(dy) <= size)
+        return inside & ((np.abs(dx - dy) <= w * 1.414) | (np.abs(dx + dy) <= w * 1.414))
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def render(scene: Scene, size: int = SIZE) -> np.ndarray:
+    """Scene -> uint8 (size, size, 3), anti-aliased by supersampling."""
+    n = size * SUPERSAMPLE
+    img = np.empty((n, n, 3), dtype=np.float32)
+    img[:] = BACKGROUNDS[scene.background]
+    for o in scene.objects:
+        rgb = TARGET_COLOUR if o.shape == TARGET_SHAPE else OBJECT_COLOURS[o.colour]
+        m = _mask(o.shape, o.cx * SUPERSAMPLE, o.cy * SUPERSAMPLE, o.size * SUPERSAMPLE, n)
+        img[m] = rgb
+    img = img.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def place(rng: np.random.Generator, shapes: list[tuple[str, str]], background: str,
+          size: int = SIZE, tries: int = 200) -> Scene:
+    """Random non-overlapping positions and sizes for (shape, colour) pairs."""
+    for _ in range(tries):
+        objs: list[Obj] = []
+        for shape, colour in shapes:
+            s = float(rng.uniform(0.14, 0.2) * size)
+            cx, cy = (float(v) for v in rng.uniform(s + 1, size - s - 1, size=2))
+            objs.append(Obj(shape, colour, cx, cy, s))
+        ok = all((a.cx - b.cx) ** 2 + (a.cy - b.cy) ** 2 > (a.size + b.size) ** 2
+                 for i, a in enumerate(objs) for b in objs[i + 1:])
+        if ok:
+            return Scene(tuple(objs), background)
+    raise RuntimeError(f"could not place {shapes} without overlap in {tries} tries")
+
+
+def random_scene(rng: np.random.Generator, shapes: tuple[str, ...] = BASE_SHAPES, max_objects: int = 2,
+                 min_objects: int = 0) -> Scene:
+    """A scene with min..max distinct shapes drawn from ``shapes`` (random colours, background)."""
+    k = int(rng.integers(min_objects, max_objects + 1))
+    chosen = list(rng.choice(len(shapes), size=k, replace=False))
+    pairs = [(shapes[i], "orange" if shapes[i] == TARGET_SHAPE else str(rng.choice(list(OBJECT_COLOURS))))
+             for i in chosen]
+    return place(rng, pairs, str(rng.choice(BG_NAMES)))
+
+
+def render_batch(scenes: list[Scene]) -> np.ndarray:
+    """Scenes -> float32 (N, 3, H, W) in [-1, 1]."""
+    arr = np.stack([render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    return arr.transpose(0, 3, 1, 2)
