@@ -23,6 +23,10 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
+def _pct(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.0f}%"
+
+
 def _json_safe(obj: Any) -> Any:
     """NaN -> None, so metrics.json stays strict JSON."""
     if isinstance(obj, float) and math.isnan(obj):
@@ -101,12 +105,12 @@ def render_report(result: dict) -> str:
         "| scale | identity similarity | face not found | CLIP-T | n |", "|---|---|---|---|---|",
     ]
     for r in result["per_scale"] + [{"scale": "all", **result["overall"]}]:
-        lines.append(f"| {r['scale']} | {_fmt(r['identity_similarity'])} | {_fmt(r['face_not_found_rate'])} | "
+        lines.append(f"| {r['scale']} | {_fmt(r['identity_similarity'])} | {_pct(r['face_not_found_rate'])} | "
                      f"{_fmt(r['clip_t'])} | {r['n']} |")
     lines += ["", "## Per identity", "", "| identity | identity similarity | face not found | CLIP-T |",
               "|---|---|---|---|"]
     for name, r in result["per_identity"].items():
-        lines.append(f"| {name} | {_fmt(r['identity_similarity'])} | {_fmt(r['face_not_found_rate'])} | "
+        lines.append(f"| {name} | {_fmt(r['identity_similarity'])} | {_pct(r['face_not_found_rate'])} | "
                      f"{_fmt(r['clip_t'])} |")
     c = result["coupling"]
     lines += ["", "## Coupling diagnostics (ACCORD)", ""]
