@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from accord_face.config import load_config
@@ -86,3 +87,37 @@ def test_learned_token_replaces_whole_words_only():
 def test_shipped_configs_load(name):
     cfg = load_config(LoraTrainConfig, Path(__file__).parents[1] / "configs" / f"{name}.yaml")
     assert cfg.max_steps > 0 and cfg.lora.rank > 0
+
+
+def test_synthetic_sets_exercise_metadata_and_caption_files(tmp_path):
+    from accord_face.lora.data import ReferenceSet, make_synthetic_references
+
+    subject = make_synthetic_references(tmp_path / "subject", "subject", count=3, size=64)
+    refs = build_references(subject, DataConfig(reference_dir=str(subject)))
+    assert {r.source for r in refs} == {"metadata"} and len(refs) == 3
+    assert refs[0].prompts == PromptSet("a photo of sks backpack with a tree", "a photo of sks backpack",
+                                        "a photo of a tree")
+    style = make_synthetic_references(tmp_path / "style", "style", count=4, size=64)
+    cfg = DataConfig(reference_dir=str(style), mode="style", instance_prompt="in sks style")
+    refs = build_references(style, cfg)
+    assert {r.source for r in refs} == {"caption file"}
+    assert sorted(r.prompts.joint for r in refs) == sorted(f"a photo of {c} in sks style"
+                                                          for c in ("a house", "a tree", "a car", "a cat"))
+    pixels, prompts = ReferenceSet(refs, 32, cfg, seed=0).batch(step=0, batch_size=2)
+    assert pixels.shape == (2, 3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
+    again, _ = ReferenceSet(refs, 32, cfg, seed=0).batch(step=0, batch_size=2)
+    assert torch.equal(pixels, again)  # sampling is a pure function of (seed, index): resumable
+
+
+def test_script_reports_config_errors_with_the_key(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_lora_script",
+                                                  Path(__file__).parents[1] / "scripts" / "train_lora.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config = str(Path(__file__).parents[1] / "configs" / "lora_tiny.yaml")
+    assert script.main(["--config", config, "lora.rnak=8"]) == 2
+    assert "lora.rnak" in capsys.readouterr().err
+    assert script.main(["--config", config, f"output_dir={tmp_path}", "data.synthetic=none"]) == 2
+    assert "data.reference_dir" in capsys.readouterr().err

@@ -144,18 +144,20 @@ def make_synthetic_references(folder: str | Path, kind: str = "subject", count: 
         _background(draw, size, rng)
         name = f"ref{i:02d}.png"
         if kind == "subject":
-            s = int(size * rng.uniform(0.35, 0.5))
-            left = rng.random() < 0.5  # the pack on either side of the tree
-            px = rng.randint(2, size // 2 - s) if left else rng.randint(size // 2, size - int(s * 0.7) - 2)
-            tx = rng.randint(size // 2, size - s - 2) if left else rng.randint(2, size // 2 - s)
-            _tree(draw, tx, rng.randint(2, size // 4), int(s * 1.3))
-            _backpack(draw, px, size - s - rng.randint(2, size // 8), s)
+            s = int(size * rng.uniform(0.3, 0.4))
+            half = size // 2
+            left = rng.random() < 0.5  # the pack in one half of the picture, the tree in the other
+            pack_x = rng.randint(0, max(0, half - int(s * 0.7)))
+            tree_x = rng.randint(0, max(0, half - int(s * 1.3)))
+            px, tx = (pack_x, half + tree_x) if left else (half + pack_x, tree_x)
+            _tree(draw, tx, rng.randint(0, size // 4), int(s * 1.3))
+            _backpack(draw, px, size - s - rng.randint(1, max(1, size // 8)), s)
             rows.append({"file_name": name, "joint": "a photo of sks backpack with a tree",
                          "target": "a photo of sks backpack", "context": "a photo of a tree"})
         elif kind == "style":
             caption, painter = list(_STYLE_OBJECTS.items())[i % len(_STYLE_OBJECTS)]
             s = int(size * rng.uniform(0.4, 0.6))
-            painter(draw, rng.randint(2, size - s - 2), rng.randint(size // 6, size - s - 2), s)
+            painter(draw, rng.randint(0, size - s), rng.randint(size // 6, max(size // 6, size - s)), s)
             image = _stylize(image, rng)
             (folder / f"ref{i:02d}.txt").write_text(f"a photo of {caption}\n")
         else:
