@@ -71,7 +71,7 @@ class AccordConfig:
     lambda_pd: float = field(0.002, help="weight of PDLoss (only with textual inversion)")
     reference: Literal["live", "frozen"] = field(
         "live", help="model for the target/context/empty branches: the trained model (paper) or the base "
-        "with adapters disabled")
+        "with adapters disabled (a learned token keeps its current embedding there)")
     timesteps: Literal["shared", "stratified"] = field(
         "shared", help="shared: DDLoss reuses the base loss's x_t, t and joint output; stratified: its own "
         "stratified t per sample (one more forward with gradient)")
