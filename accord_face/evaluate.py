@@ -264,21 +264,27 @@ def coupling_diagnostics(gen: FaceIDGenerator, cfg: EvaluateConfig, identities: 
 
     out: dict[str, Any] = {"adapter_scale": 1.0}
     pipe = gen.pipe
-    if gen.is_sdxl or cfg.coupling_samples == 0:
-        reason = "SDXL UNet conditioning is not supported yet" if gen.is_sdxl else "coupling_samples = 0"
-        return {**out, "dd": {"skipped": reason}, "pd": {"skipped": reason}}
+    if cfg.coupling_samples == 0:
+        return {**out, "dd": {"skipped": "coupling_samples = 0"}, "pd": {"skipped": "coupling_samples = 0"}}
     pipe.set_ip_adapter_scale(1.0)
     dtype, device = gen.dtype, gen.device
     pixels, captions, embeds, source = _holdout_batch(gen, cfg, identities, prompts, cond_embeds)
     if embeds.shape[1] != int(gen.adapter_cfg["id_embed_dim"]):
         raise GenerateError(f"held-out identity embeddings are {embeds.shape[1]}-d but the adapter takes "
                             f"{gen.adapter_cfg['id_embed_dim']}-d; use shards made with the adapter's recognizer")
-    latents = pipe.vae.encode(pixels.to(device, dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
-    text, _ = pipe.encode_prompt(captions, device, 1, False)   # (B, L, E)
-    null, _ = pipe.encode_prompt([""], device, 1, False)        # (1, L, E)
+    latents = _encode_latents(pipe, pixels.to(device), dtype)
+    # The same text encoding as the pipelines (SDXL: penultimate layers of both encoders + pooled text).
+    enc = [pipe.encode_prompt(prompt=p, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+           for p in (captions, [""])]
+    sdxl = {}
+    if gen.is_sdxl:
+        res = cfg.resolution or gen.resolution
+        sdxl = {"pooled_joint": enc[0][2], "pooled_null": enc[1][2],
+                "time_ids": torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).repeat(len(captions), 1)}
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    dd = metrics.dependence_discrepancy(pipe.unet, scheduler, latents.float(), text, null, embeds.to(device),
-                                        num_timesteps=cfg.coupling_timesteps, seed=cfg.seeds[0])
+    dd = metrics.dependence_discrepancy(pipe.unet, scheduler, latents.float(), enc[0][0], enc[1][0],
+                                        embeds.to(device), num_timesteps=cfg.coupling_timesteps,
+                                        seed=cfg.seeds[0], **sdxl)
     out["dd"] = {"discrepancy": dd.discrepancy, "weighted_mean": dd.weighted_mean,
                  "delta_by_quartile": {str(k): v for k, v in sorted(dd.delta_by_quartile.items())},
                  "abs_delta_by_t": {str(k): v for k, v in dd.abs_delta_by_t.items()},
@@ -287,22 +293,50 @@ def coupling_diagnostics(gen: FaceIDGenerator, cfg: EvaluateConfig, identities: 
     return out
 
 
+def _encode_latents(pipe, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Clean latents (posterior mean, deterministic); in fp32 where the VAE asks for it (SDXL's force_upcast)."""
+    vae = pipe.vae
+    upcast = dtype != torch.float32 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        latents = vae.encode(pixels.to(torch.float32 if upcast else dtype)).latent_dist.mean
+    finally:
+        if upcast:
+            vae.to(dtype)
+    return latents * vae.config.scaling_factor
+
+
 def _prior_gap(gen: FaceIDGenerator, cfg: EvaluateConfig, prompts: list[str],
                cond_embeds: dict[str, np.ndarray]) -> dict[str, Any]:
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     from .tiny import projection_model_path
+    from .train.models import PD_MAPPINGS  # the trainer's f_p, so the gap measures what PDLoss optimised
 
-    path = cfg.text_projection or projection_model_path(gen.base_model)
-    if not path:
+    if cfg.text_projection:
+        path = cfg.text_projection
+        model, tokenizer = CLIPTextModelWithProjection.from_pretrained(path), CLIPTokenizer.from_pretrained(path)
+    elif gen.is_sdxl:  # as the trainer's clip_model=auto: SDXL's own text_encoder_2
+        path = f"{gen.base_model} (text_encoder_2)"
+        model, tokenizer = gen.pipe.text_encoder_2, gen.pipe.tokenizer_2
+    elif projection_model_path(gen.base_model):
+        path = projection_model_path(gen.base_model)
+        model, tokenizer = CLIPTextModelWithProjection.from_pretrained(path), CLIPTokenizer.from_pretrained(path)
+    else:
         return {"skipped": "no CLIP text projection model (pass --text-projection DIR)"}
-    model = CLIPTextModelWithProjection.from_pretrained(path).eval().to(gen.device)
-    tokenizer = CLIPTokenizer.from_pretrained(path)
+    model = model.eval().to(gen.device)
+    name = (gen.adapter_cfg.get("losses") or {}).get("pd_mapping") or (
+        "text_projection_mean_tail" if gen.is_sdxl else "text_projection_mean")
+    if name not in PD_MAPPINGS:
+        return {"skipped": f"unknown pd_mapping {name!r} in adapter_config.json"}
     proj = gen.pipe.unet.encoder_hid_proj.image_projection_layers[0]
     embeds = torch.from_numpy(np.stack(list(cond_embeds.values()))).to(gen.device, gen.dtype)  # (N, D)
     tokens = proj(embeds[:, None, :])                                                            # (N, K, E)
     try:
-        gap = metrics.prior_cosine_gap(tokens.float(), model, tokenizer, prompts, cfg.superclass)
-    except ValueError as err:
-        return {"skipped": str(err)}
+        gap = metrics.prior_cosine_gap(tokens.float(), model, tokenizer, prompts, cfg.superclass,
+                                       mapping=PD_MAPPINGS[name])
+    except (ValueError, RuntimeError) as err:  # RuntimeError: a width mismatch inside the mapping
+        return {"skipped": " ".join(str(err).split())}
+    gap["pd_mapping"] = name
     return {**gap, "projection_model": str(path), "superclass": cfg.superclass}

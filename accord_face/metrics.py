@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -138,7 +138,9 @@ class CouplingResult:
 @torch.no_grad()
 def dependence_discrepancy(unet, scheduler, latents: torch.Tensor, text_joint: torch.Tensor,
                            text_null: torch.Tensor, id_embeds: torch.Tensor, num_timesteps: int = 10,
-                           seed: int = 0) -> CouplingResult:
+                           seed: int = 0, pooled_joint: Optional[torch.Tensor] = None,
+                           pooled_null: Optional[torch.Tensor] = None,
+                           time_ids: Optional[torch.Tensor] = None) -> CouplingResult:
     """Denoising dependence discrepancy of an IP-Adapter UNet on held-out samples.
 
         D = sum_{t=1..T} (t/T) |Delta_t|  ~=  (T/K) sum_k (t_k+1)/T |Delta_{t_k}|
@@ -150,6 +152,7 @@ def dependence_discrepancy(unet, scheduler, latents: torch.Tensor, text_joint: t
 
     Shapes: latents (B, C, H, W) clean VAE latents; text_joint (B, L, E) caption
     states; text_null (1, L, E) or (B, L, E) empty-prompt states; id_embeds (B, D).
+    SDXL also needs pooled_joint (B, P), pooled_null (1, P) and time_ids (B, 6).
     """
     b = latents.shape[0]
     T = scheduler.config.num_train_timesteps
@@ -161,13 +164,18 @@ def dependence_discrepancy(unet, scheduler, latents: torch.Tensor, text_joint: t
     ids = id_embeds.reshape(b, 1, -1).float()
     text4 = torch.cat([text_joint, text_null, text_joint, text_null]).to(dtype)  # (4B, L, E): pg, p, g, 0
     ids4 = torch.cat([ids, ids, torch.zeros_like(ids), torch.zeros_like(ids)]).to(device, dtype)  # (4B, 1, D)
+    added: dict = {"image_embeds": [ids4]}
+    if time_ids is not None:  # SDXL: the pooled text follows the caption of each branch
+        pooled_null = pooled_null.expand(b, -1)
+        added["text_embeds"] = torch.cat([pooled_joint, pooled_null, pooled_joint, pooled_null]).to(device, dtype)
+        added["time_ids"] = time_ids.repeat(4, 1).to(device, dtype)  # (4B, 6)
     grid = diagnostic_timesteps(T, num_timesteps)
     weighted, deltas, ts = [], [], []
     for t in grid.tolist():
         tb = torch.full((b,), t, dtype=torch.long)
         x_t = scheduler.add_noise(latents.float().cpu(), noise.float().cpu(), tb).to(device)
         out = unet(x_t.repeat(4, 1, 1, 1).to(dtype), tb.repeat(4).to(device), encoder_hidden_states=text4,
-                   added_cond_kwargs={"image_embeds": [ids4]}).sample.float()
+                   added_cond_kwargs=added).sample.float()
         pg, p, g, null = out.chunk(4)  # each (B, C, H, W)
         delta = losses.denoising_decouple_delta(pg, p, g, null, x_t.float(), tb.to(device), scheduler)  # (B,)
         weighted.append(losses.denoising_decouple_weight(scheduler, tb).to(delta.device) * delta.abs())
@@ -186,7 +194,7 @@ def dependence_discrepancy(unet, scheduler, latents: torch.Tensor, text_joint: t
 
 @torch.no_grad()
 def prior_cosine_gap(identity_tokens: torch.Tensor, projection_model, tokenizer, captions: Sequence[str],
-                     superclass: str = "a photo of a person") -> dict[str, float]:
+                     superclass: str = "a photo of a person", mapping: Optional[Callable] = None) -> dict[str, float]:
     """PDLoss cosine gap in CLIP's joint space, for each identity against every caption.
 
         gap = cos(f_p, f_g) - cos(f_s, f_g),   f_p = text_projection(mean_k identity_tokens_k)
@@ -194,16 +202,21 @@ def prior_cosine_gap(identity_tokens: torch.Tensor, projection_model, tokenizer,
     ``f_s``, ``f_g`` are ``CLIPTextModelWithProjection.text_embeds`` of the
     superclass prompt and the captions. identity_tokens: (B, K, E) from the
     adapter's image projection, E = the projection model's hidden size.
+    ``mapping(projection_model, tokens) -> f_p`` replaces the default (use the
+    trainer's ``pd_mapping`` so the diagnostic measures what training optimised).
     Returns the mean |gap| (= L_PD) and the mean signed gap.
     """
-    if identity_tokens.shape[-1] != projection_model.config.hidden_size:
+    if mapping is None and identity_tokens.shape[-1] != projection_model.config.hidden_size:
         raise ValueError(f"identity tokens have width {identity_tokens.shape[-1]} but the CLIP projection model "
                          f"expects {projection_model.config.hidden_size}")
     ids = tokenizer([superclass, *captions], padding="max_length", truncation=True,
                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     f = projection_model(ids.to(projection_model.device)).text_embeds.float()  # (1 + G, P)
-    proj = projection_model.text_projection
-    f_p = proj(identity_tokens.to(proj.weight.dtype).mean(1)).float()         # (B, P)
+    if mapping is None:
+        proj = projection_model.text_projection
+        f_p = proj(identity_tokens.to(proj.weight.dtype).mean(1)).float()     # (B, P)
+    else:
+        f_p = mapping(projection_model, identity_tokens).float()              # (B, P)
     b = f_p.shape[0]
     f_g = f[1:].unsqueeze(0).expand(b, -1, -1)                                   # (B, G, P)
     gap = losses.cosine_gap(f_p, f[0], f_g)                                      # (B, G)

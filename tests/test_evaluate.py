@@ -23,7 +23,7 @@ TOP_KEYS = {"schema_version", "adapter", "identity_model", "clip_model", "settin
 SUMMARY_KEYS = {"n", "identity_similarity", "face_not_found_rate", "clip_t"}
 IDENTITY_MODEL_KEYS = {"recognizer", "backend", "embedding_dim", "same_as_conditioning"}
 DD_KEYS = {"discrepancy", "weighted_mean", "delta_by_quartile", "abs_delta_by_t", "num_samples", "source"}
-PD_KEYS = {"abs_gap", "signed_gap", "num_identities", "num_captions", "projection_model", "superclass"}
+PD_KEYS = {"abs_gap", "signed_gap", "num_identities", "num_captions", "projection_model", "superclass", "pd_mapping"}
 
 
 @pytest.fixture(scope="module")

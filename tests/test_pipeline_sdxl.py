@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from accord_face.pipeline import FaceIDGenerator
-from test_pipeline_helpers import as_array, export_test_adapter
+from test_pipeline_helpers import as_array, export_test_adapter, grace_hopper
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +43,45 @@ def tiny_sdxl_dir(tmp_path_factory):
     return str(folder)
 
 
-def test_sdxl_adapter_loads_and_generates_reproducibly(tiny_sdxl_dir, tmp_path):
+@pytest.fixture(scope="module")
+def sdxl_adapter(tiny_sdxl_dir, tmp_path_factory):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
-    adapter = export_test_adapter(tiny_sdxl_dir, tmp_path / "adapter", unet=unet, is_sdxl=True)
-    assert json.loads((adapter / "adapter_config.json").read_text())["cross_attention_dim"] == 64
-    gen = FaceIDGenerator(adapter, device="cpu")
-    assert gen.is_sdxl and gen.describe()["pipeline"] == "StableDiffusionXLPipeline"
-    e = np.random.default_rng(0).standard_normal(128).astype(np.float32)
-    e /= np.linalg.norm(e)
-    a, b = (as_array(gen.generate(e, "a photo of a person", seeds=[1], steps=2, guidance=4.0)[0]) for _ in range(2))
-    c = as_array(gen.generate(-e, "a photo of a person", seeds=[1], steps=2, guidance=4.0)[0])
+    return export_test_adapter(tiny_sdxl_dir, tmp_path_factory.mktemp("sdxl_adapter") / "a", unet=unet, is_sdxl=True)
+
+
+@pytest.fixture(scope="module")
+def sdxl_gen(sdxl_adapter):
+    return FaceIDGenerator(sdxl_adapter, device="cpu")
+
+
+def _unit(seed: int) -> np.ndarray:
+    e = np.random.default_rng(seed).standard_normal(128).astype(np.float32)
+    return e / np.linalg.norm(e)
+
+
+def test_sdxl_adapter_loads_and_generates_reproducibly(sdxl_adapter, sdxl_gen):
+    assert json.loads((sdxl_adapter / "adapter_config.json").read_text())["cross_attention_dim"] == 64
+    assert sdxl_gen.is_sdxl and sdxl_gen.describe()["pipeline"] == "StableDiffusionXLPipeline"
+    e = _unit(0)
+    a, b = (as_array(sdxl_gen.generate(e, "a photo of a person", seeds=[1], steps=2, guidance=4.0)[0])
+            for _ in range(2))
+    c = as_array(sdxl_gen.generate(-e, "a photo of a person", seeds=[1], steps=2, guidance=4.0)[0])
     assert a.shape == (64, 64, 3) and np.array_equal(a, b) and np.abs(a - c).mean() > 0.5
+
+
+def test_sdxl_coupling_diagnostics(sdxl_adapter, sdxl_gen, tmp_path):
+    from accord_face.evaluate import EvaluateConfig, coupling_diagnostics
+
+    photo = tmp_path / "grace.jpg"
+    grace_hopper().save(photo)
+    cfg = EvaluateConfig(adapter=str(sdxl_adapter), faces=str(tmp_path), prompts="unused", coupling_samples=2,
+                         coupling_timesteps=2)
+    out = coupling_diagnostics(sdxl_gen, cfg, {"grace": [photo]}, ["a photo of a person", "an oil painting"],
+                               {"grace": _unit(1)})
+    dd, pd = out["dd"], out["pd"]
+    assert dd["num_samples"] == 2 and np.isfinite(dd["discrepancy"]) and dd["discrepancy"] > 0
+    # SDXL's PDLoss mapping: text_encoder_2's projection on the last 32 of the 64 token dims
+    assert pd["pd_mapping"] == "text_projection_mean_tail" and 0 < pd["abs_gap"] <= 2
+    assert pd["projection_model"].endswith("(text_encoder_2)")
