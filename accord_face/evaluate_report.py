@@ -76,6 +76,8 @@ def plot_tradeoff(result: dict, path: Path) -> None:
     else:
         ax_label = f"CLIP-T ({result.get('clip_model')})"
     ax.plot(xs, ys, "o-")
+    if all(math.isnan(y) for y in ys):
+        ax.text(0.5, 0.5, "no face found in any generated image", transform=ax.transAxes, ha="center")
     for x, y, r in zip(xs, ys, rows):
         ax.annotate(f"scale {r['scale']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel(ax_label)
