@@ -82,7 +82,8 @@ class DataStream:
         c = self.cfg
         ds = build_dataset(self.info.urls, resolution=c.resolution, embedding_key=self.info.embedding_key,
                            shuffle_buffer=c.data.shuffle_buffer, seed=c.seed, epoch=self.epoch,
-                           resampled=c.data.resampled, random_flip=c.data.random_flip, skip=self.consumed)
+                           resampled=c.data.resampled, random_flip=c.data.random_flip, skip=self.consumed,
+                           skip_batch_size=c.data.micro_batch_size)
         loader = DataLoader(ds, batch_size=c.data.micro_batch_size, collate_fn=collate,
                             num_workers=c.data.num_workers, drop_last=True)
         return iter(loader)
@@ -182,6 +183,8 @@ def _validate(engine, cfg, parts, faces, out: Path, step: int, device) -> Option
     v = cfg.validation
     if faces is None or not v.enabled:
         return None
+    if engine.zero_optimization_stage() < 3 and dist.get_rank() != 0:
+        return None  # full weights on every rank: rank 0 alone samples (ZeRO-3: all ranks take part)
     prompts = [p for _ in range(len(faces)) for p in v.prompts]
     ids = faces.repeat_interleave(len(v.prompts), dim=0)
     columns = [sample_images(engine.module, parts, prompts, ids, s, v.num_inference_steps, v.guidance_scale,
