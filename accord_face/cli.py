@@ -84,16 +84,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .config import ConfigError, from_dict
     from .evaluate import EvaluateConfig, run_evaluate
-    from .evaluate_report import compare_metrics, format_compare, load_metrics
-    from .pipeline import GenerateError
+    from .evaluate_report import compare_metrics, format_compare, load_metrics, plot_tradeoff_runs
+    from .pipeline import GenerateError, atomic_write_text
 
     if args.compare:
         try:
             a, b = (load_metrics(p) for p in args.compare)
         except (OSError, ValueError) as err:
             return _user_error("evaluate", err)
-        print(format_compare(compare_metrics(a, b), *args.compare))
+        table = format_compare(compare_metrics(a, b), *args.compare)
+        print(table)
+        if args.out:  # optional: keep the table and both trade-off curves in one plot
+            atomic_write_text(Path(args.out) / "compare.md", table + "\n")
+            plot_tradeoff_runs(dict(zip(args.compare, (a, b))), Path(args.out) / "compare_tradeoff.png")
+            print(f"[evaluate] compare.md + compare_tradeoff.png -> {args.out}")
         return 0
+    args.out = args.out or "outputs/evaluate"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accord_face").setLevel(logging.INFO)
     keys = {k: v for k, v in vars(args).items() if k not in ("command", "func", "compare") and v is not None}
@@ -162,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--superclass")
     p.add_argument("--text-projection", dest="text_projection")
     p.add_argument("--device")
-    p.add_argument("--out", default="outputs/evaluate")
+    p.add_argument("--out", help="output folder (default outputs/evaluate); with --compare: where to write "
+                                 "compare.md and compare_tradeoff.png (nothing written without it)")
     p.set_defaults(func=cmd_evaluate)
 
     # Shard preparation: the same flags as scripts/prepare_shards.py (generated from PrepareConfig).

@@ -60,30 +60,46 @@ def write_outputs(out: Path, result: dict, records: list[dict], prompts: list[st
     atomic_write_text(out / "report.md", render_report(result))
 
 
+def _nan(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
 def plot_tradeoff(result: dict, path: Path) -> None:
     """Identity similarity (y) vs CLIP-T (x), one point per adapter scale."""
+    plot_tradeoff_runs({"": result}, path)
+
+
+def plot_tradeoff_runs(results: dict[str, dict], path: Path) -> None:
+    """One identity-vs-CLIP-T curve per run (label -> metrics), a point per adapter scale.
+
+    Without CLIP-T in every run the x axis is the adapter scale instead.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["per_scale"]
+    no_clip = any(all(r["clip_t"] is None or math.isnan(r["clip_t"]) for r in m["per_scale"])
+                  for m in results.values())
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
-    xs = [r["clip_t"] if r["clip_t"] is not None else math.nan for r in rows]
-    ys = [r["identity_similarity"] if r["identity_similarity"] is not None else math.nan for r in rows]
-    if all(math.isnan(x) for x in xs):  # no CLIP model: plot against the scale instead
-        xs, ax_label = [r["scale"] for r in rows], "adapter scale (no CLIP-T)"
-    else:
-        ax_label = f"CLIP-T ({result.get('clip_model')})"
-    ax.plot(xs, ys, "o-")
-    if all(math.isnan(y) for y in ys):
+    all_ys = []
+    for label, m in results.items():
+        rows = m["per_scale"]
+        xs = [r["scale"] if no_clip else _nan(r["clip_t"]) for r in rows]
+        ys = [_nan(r["identity_similarity"]) for r in rows]
+        all_ys += ys
+        ax.plot(xs, ys, "o-", label=label or None)
+        for x, y, r in zip(xs, ys, rows):
+            ax.annotate(f"scale {r['scale']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if all(math.isnan(y) for y in all_ys):
         ax.text(0.5, 0.5, "no face found in any generated image", transform=ax.transAxes, ha="center")
-    for x, y, r in zip(xs, ys, rows):
-        ax.annotate(f"scale {r['scale']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel(ax_label)
-    ax.set_ylabel(f"identity similarity ({result['identity_model']['recognizer']})")
+    first = next(iter(results.values()))
+    ax.set_xlabel("adapter scale (no CLIP-T)" if no_clip else f"CLIP-T ({first.get('clip_model')})")
+    ax.set_ylabel(f"identity similarity ({first['identity_model']['recognizer']})")
     ax.set_title("identity vs text alignment across adapter scales")
     ax.grid(alpha=0.3)
+    if len(results) > 1:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")

@@ -123,7 +123,7 @@ def test_aggregate_counts_missing_faces_as_failures():
 
 def _crafted(id_sim: float, clip_t: float, dd: float | None) -> dict:
     summary = {"n": 4, "identity_similarity": id_sim, "face_not_found_rate": 0.25, "clip_t": clip_t}
-    return {"schema_version": 1, "overall": summary,
+    return {"schema_version": 1, "overall": summary, "clip_model": "clip", "identity_model": {"recognizer": "sface"},
             "per_scale": [{"scale": 0.5, **summary, "identity_similarity": id_sim / 2}, {"scale": 1.0, **summary}],
             "coupling": {"dd": {"discrepancy": dd} if dd is not None else {"skipped": "x"},
                          "pd": {"abs_gap": 0.1, "signed_gap": -0.1}}}
@@ -147,6 +147,12 @@ def test_compare_reports_the_right_deltas(tmp_path, capsys):
     assert table["overall.identity_similarity"] == ["0.3", "0.42", "+0.12"]
     assert table["scale=1.overall".replace(".overall", ".clip_t")] == ["25", "24.5", "-0.5"]
     assert table["coupling.dd.discrepancy"] == ["2", "n/a", "n/a"]
+
+    # with --out: the same table in compare.md, and both trade-off curves in one plot
+    assert main(["evaluate", "--compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    assert (tmp_path / "cmp" / "compare.md").read_text() in printed
+    assert Image.open(tmp_path / "cmp" / "compare_tradeoff.png").format == "PNG"
 
     (b / "metrics.json").write_text(json.dumps({**_crafted(0.4, 24.0, 1.0), "schema_version": 99}))
     assert main(["evaluate", "--compare", str(a), str(b)]) == 2
