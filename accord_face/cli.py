@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=_floats, help="comma-separated adapter scales, e.g. 0.3,0.6,1.0")
     p.add_argument("--seeds", type=_ints, help="comma-separated seeds, e.g. 0,1")
     p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per pipeline call (default 8)")
     p.add_argument("--guidance", type=float)
     p.add_argument("--negative-prompt", dest="negative_prompt")
     p.add_argument("--pretrained")

@@ -47,6 +47,7 @@ class EvaluateConfig:
     scales: list[float] = field(default_factory=lambda: [0.3, 0.6, 1.0], help="adapter scales to sweep")
     seeds: list[int] = field(default_factory=lambda: [0], help="seeds per (identity, prompt, scale)")
     steps: int = field(30, help="denoising steps")
+    batch_size: int = field(8, help="images per pipeline call ((prompt, seed) pairs of one identity and scale)")
     guidance: float = field(5.0, help="classifier-free guidance scale")
     negative_prompt: str = field("", help="negative prompt")
     pretrained: Optional[str] = field(None, help="base model; default: the one recorded by the adapter")
@@ -68,8 +69,8 @@ class EvaluateConfig:
     def validate(self) -> None:
         if not self.scales or not self.seeds:
             raise ValueError("scales and seeds must not be empty")
-        if self.steps < 1 or self.coupling_samples < 0 or self.coupling_timesteps < 1:
-            raise ValueError("steps and coupling_timesteps must be >= 1, coupling_samples >= 0")
+        if self.steps < 1 or self.batch_size < 1 or self.coupling_samples < 0 or self.coupling_timesteps < 1:
+            raise ValueError("steps, batch_size and coupling_timesteps must be >= 1, coupling_samples >= 0")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -135,6 +136,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     settings = to_dict(cfg)
     settings_path, samples_path = out / "settings.json", out / "samples.jsonl"
     done = _load_done(samples_path)
+    if samples_path.is_file():  # keep only complete records, so appends never glue onto a torn last line
+        atomic_write_text(samples_path, "".join(json.dumps(r) + "\n" for r in done.values()))
     if done and settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
         raise GenerateError(f"{out} holds an evaluation with other settings ({settings_path}); "
                             "use another --out or delete the folder")
@@ -160,29 +163,36 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     gen = FaceIDGenerator(cfg.adapter, cfg.pretrained, cfg.device)
     clip = None if cfg.clip_model.lower() == "none" else _load_clip(cfg.clip_model, gen.device)
 
-    jobs = [(n, i, s) for n in identities for i in range(len(prompts)) for s in cfg.scales]
-    with samples_path.open("a") as log_file, tqdm(total=len(jobs) * len(cfg.seeds), desc="evaluate") as bar:
-        for name, p_idx, scale in jobs:
-            todo = [sd for sd in cfg.seeds if sample_key(name, p_idx, scale, sd) not in done]
-            bar.update(len(cfg.seeds) - len(todo))
-            if not todo:
-                continue
-            images = gen.generate(cond_embeds[name], prompts[p_idx], seeds=todo, scale=scale, steps=cfg.steps,
-                                  guidance=cfg.guidance, negative_prompt=cfg.negative_prompt,
-                                  resolution=cfg.resolution)
-            clip_t = clip.score(images, [prompts[p_idx]] * len(images)) if clip else [None] * len(images)
-            for seed, image, ct in zip(todo, images, clip_t):
-                rel = f"images/{name}/p{p_idx:02d}_scale{scale:g}_seed{seed}.png"
-                atomic_save_image(image, out / rel)
-                sim = scorer.score(refs[name], image)
-                rec = {"key": sample_key(name, p_idx, scale, seed), "identity": name, "prompt_index": p_idx,
-                       "prompt": prompts[p_idx], "scale": scale, "seed": seed, "image": rel,
-                       "face_found": sim is not None, "identity_similarity": sim, "clip_t": ct}
-                log_file.write(json.dumps(rec) + "\n")
-                log_file.flush()
-                done[rec["key"]] = rec
-                bar.update(1)
+    # One batched pipeline call per chunk of (prompt, seed) pairs of one identity at one scale
+    # (the adapter scale is global to the pipeline, the identity embedding is shared).
+    total = len(identities) * len(prompts) * len(cfg.scales) * len(cfg.seeds)
+    with samples_path.open("a") as log_file, tqdm(total=total, desc="evaluate") as bar:
+        for name in identities:
+            for scale in cfg.scales:
+                pairs = [(i, sd) for i in range(len(prompts)) for sd in cfg.seeds]
+                todo = [(i, sd) for i, sd in pairs if sample_key(name, i, scale, sd) not in done]
+                bar.update(len(pairs) - len(todo))
+                for k in range(0, len(todo), cfg.batch_size):
+                    chunk = todo[k:k + cfg.batch_size]
+                    texts = [prompts[i] for i, _ in chunk]
+                    images = gen.generate_pairs(cond_embeds[name], texts, [sd for _, sd in chunk], scale=scale,
+                                                steps=cfg.steps, guidance=cfg.guidance,
+                                                negative_prompt=cfg.negative_prompt, resolution=cfg.resolution)
+                    clip_t = clip.score(images, texts) if clip else [None] * len(images)
+                    for (p_idx, seed), image, ct in zip(chunk, images, clip_t):
+                        rel = f"images/{name}/p{p_idx:02d}_scale{scale:g}_seed{seed}.png"
+                        atomic_save_image(image, out / rel)
+                        sim = scorer.score(refs[name], image)
+                        rec = {"key": sample_key(name, p_idx, scale, seed), "identity": name,
+                               "prompt_index": p_idx, "prompt": prompts[p_idx], "scale": scale, "seed": seed,
+                               "image": rel, "face_found": sim is not None, "identity_similarity": sim,
+                               "clip_t": ct}
+                        log_file.write(json.dumps(rec) + "\n")
+                        log_file.flush()
+                        done[rec["key"]] = rec
+                        bar.update(1)
 
+    jobs = [(n, i, s) for n in identities for i in range(len(prompts)) for s in cfg.scales]
     records = [done[sample_key(n, i, s, sd)] for n, i, s in jobs for sd in cfg.seeds]
     coupling = coupling_diagnostics(gen, cfg, identities, prompts, cond_embeds)
     result = {

@@ -238,19 +238,28 @@ class FaceIDGenerator:
         res = self.adapter_cfg.get("resolution")
         return int(res) if res else int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
 
+    def generate(self, embedding: np.ndarray, prompt: str, *, seeds: list[int], **kwargs) -> list:
+        """One image of ``prompt`` per seed (image i from ``torch.Generator().manual_seed(seeds[i])``)."""
+        return self.generate_pairs(embedding, [prompt] * len(seeds), seeds, **kwargs)
+
     @torch.no_grad()
-    def generate(self, embedding: np.ndarray, prompt: str, *, seeds: list[int], scale: float = 1.0,
-                 steps: int = 30, guidance: float = 5.0, negative_prompt: str = "",
-                 resolution: Optional[int] = None) -> list:
-        """One image per seed (image i from ``torch.Generator().manual_seed(seeds[i])``, on CPU for portability)."""
+    def generate_pairs(self, embedding: np.ndarray, prompts: list[str], seeds: list[int], *, scale: float = 1.0,
+                       steps: int = 30, guidance: float = 5.0, negative_prompt: str = "",
+                       resolution: Optional[int] = None) -> list:
+        """One image per (prompts[i], seeds[i]) pair, in one batched pipeline call.
+
+        Generators live on the CPU, so a seed gives the same starting noise on any device.
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
         self.pipe.set_ip_adapter_scale(scale)
         size = resolution or self.resolution
-        embeds = identity_image_embeds(torch.as_tensor(np.asarray(embedding, np.float32)), guidance > 1.0,
-                                       dtype=self.dtype, device=self.device)
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        out = self.pipe(prompt=prompt, negative_prompt=negative_prompt or None, ip_adapter_image_embeds=embeds,
-                        num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=len(seeds),
-                        generator=generators, height=size, width=size)
+        emb = torch.as_tensor(np.asarray(embedding, np.float32)).reshape(1, -1).repeat(len(prompts), 1)  # (N, D)
+        embeds = identity_image_embeds(emb, guidance > 1.0, dtype=self.dtype, device=self.device)      # [(2N, 1, D)]
+        out = self.pipe(prompt=list(prompts), negative_prompt=[negative_prompt] * len(prompts) if negative_prompt
+                        else None, ip_adapter_image_embeds=embeds, num_inference_steps=steps,
+                        guidance_scale=guidance, num_images_per_prompt=1, height=size, width=size,
+                        generator=[torch.Generator().manual_seed(int(s)) for s in seeds])
         return out.images
 
     def describe(self) -> dict[str, Any]:

@@ -43,8 +43,9 @@ def inputs(tiny_pipeline_dir, tmp_path_factory):
 
 def _argv(inputs, out, scales="0,1"):
     return ["evaluate", "--adapter", str(inputs["adapter"]), "--faces", str(inputs["faces"]), "--prompts",
-            str(inputs["prompts"]), "--scales", scales, "--seeds", "0", "--steps", "2", "--clip-model",
-            str(inputs["clip"]), "--coupling-samples", "2", "--coupling-timesteps", "2", "--out", str(out)]
+            str(inputs["prompts"]), "--scales", scales, "--seeds", "0,1", "--batch-size", "2", "--steps", "2",
+            "--clip-model", str(inputs["clip"]), "--coupling-samples", "2", "--coupling-timesteps", "2",
+            "--out", str(out)]
 
 
 def test_evaluate_end_to_end_schema_resume(inputs, tmp_path, capsys):
@@ -58,18 +59,18 @@ def test_evaluate_end_to_end_schema_resume(inputs, tmp_path, capsys):
     assert set(m["coupling"]) == {"adapter_scale", "dd", "pd"}
     assert set(m["coupling"]["dd"]) == DD_KEYS and set(m["coupling"]["pd"]) == PD_KEYS
     assert m["identity_model"]["same_as_conditioning"] is True  # only SFace is available offline
-    assert m["num_samples"] == 2 * 1 * 2 and m["clip_model"] == str(inputs["clip"])
+    assert m["num_samples"] == 2 * 1 * 2 * 2 and m["clip_model"] == str(inputs["clip"])
     assert m["coupling"]["dd"]["discrepancy"] > 0 and m["coupling"]["dd"]["source"] == "reference photos x prompts"
 
     # The aggregates agree with the per-sample table, recomputed here.
     rows = list(csv.DictReader((out / "samples.csv").open()))
-    assert len(rows) == 4 and {r["identity"] for r in rows} == {"grace", "eileen"}
+    assert len(rows) == 8 and {r["identity"] for r in rows} == {"grace", "eileen"}
     for entry in m["per_scale"]:
         sel = [r for r in rows if float(r["scale"]) == entry["scale"]]
-        assert entry["n"] == len(sel) == 2
+        assert entry["n"] == len(sel) == 4
         assert entry["clip_t"] == pytest.approx(np.mean([float(r["clip_t"]) for r in sel]))
         found = [float(r["identity_similarity"]) for r in sel if r["face_found"] == "True"]
-        assert entry["face_not_found_rate"] == pytest.approx(1 - len(found) / 2)
+        assert entry["face_not_found_rate"] == pytest.approx(1 - len(found) / 4)
         assert entry["identity_similarity"] == (pytest.approx(np.mean(found)) if found else None)
 
     assert Image.open(out / "grid_grace.png").size == (2 * 64, 64)  # 2 scales x 1 prompt
@@ -82,6 +83,16 @@ def test_evaluate_end_to_end_schema_resume(inputs, tmp_path, capsys):
     assert main(_argv(inputs, out)) == 0
     assert (out / "samples.jsonl").read_text() == before
     assert json.loads((out / "metrics.json").read_text()) == m
+
+    # Interrupted run (killed mid-write after 5 images): the rerun measures only the 3 missing ones.
+    lines = before.splitlines()
+    (out / "samples.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])
+    assert main(_argv(inputs, out)) == 0
+    redone = (out / "samples.jsonl").read_text().splitlines()
+    assert redone[:5] == lines[:5] and len(redone) == 8  # the torn line is dropped, not glued to the next record
+    keys = [json.loads(ln)["key"] for ln in redone[5:]]
+    assert sorted(keys) == sorted(json.loads(ln)["key"] for ln in lines[5:])
+    assert json.loads((out / "metrics.json").read_text())["num_samples"] == 8
 
     # Other settings into the same folder: refused with a one-line message.
     capsys.readouterr()

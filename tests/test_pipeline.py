@@ -89,6 +89,19 @@ def test_same_seed_identical_and_identity_and_scale_matter(generator, analyzer, 
     assert np.array_equal(z1, z2) and not np.array_equal(z1, a)
 
 
+def test_batched_pairs_match_one_call_per_pair(generator, analyzer, photos):
+    e, _ = identity_embedding(analyzer, [photos["grace"]])
+    kw = dict(steps=2, guidance=5.0, scale=0.7)
+    pair = [as_array(im) for im in generator.generate_pairs(e, ["a photo of a person", "a painting"], [3, 4], **kw)]
+    one = [as_array(generator.generate(e, p, seeds=[s], **kw)[0]) for p, s in [("a photo of a person", 3),
+                                                                              ("a painting", 4)]]
+    for a, b in zip(pair, one):
+        assert np.abs(a - b).mean() < 0.5  # batch composition changes float rounding only
+    assert np.abs(pair[0] - pair[1]).mean() > 1.0
+    with pytest.raises(ValueError, match="2 prompts for 1 seeds"):
+        generator.generate_pairs(e, ["a", "b"], [0])
+
+
 def test_several_photos_give_normalised_mean(analyzer, photos):
     emb, notes = identity_embedding(analyzer, [photos["grace"], photos["grace_flip"]])
     e1, e2 = (analyzer.analyze(np.asarray(Image.open(photos[k]).convert("RGB")))[0].embedding
