@@ -35,7 +35,7 @@ from torch import nn
 __all__ = [
     "WEIGHT_NAME", "CONFIG_NAME", "FORMAT", "install_ip_attention", "ip_attention_processors",
     "ip_attention_parameters", "set_ip_scale", "adapter_state_dict", "export_adapter", "load_adapter_config",
-    "load_adapter_state_dict", "load_into_training", "identity_image_embeds",
+    "load_adapter_state_dict", "load_into_training", "identity_image_embeds", "per_sample_image_embeds",
 ]
 
 WEIGHT_NAME = "ip_adapter.safetensors"
@@ -202,20 +202,32 @@ def load_into_training(state: dict[str, torch.Tensor], encoder: nn.Module, unet:
 def identity_image_embeds(id_embeds: torch.Tensor, do_classifier_free_guidance: bool = True,
                           dtype: torch.dtype | None = None, device: torch.device | str | None = None
                           ) -> list[torch.Tensor]:
-    """Identity embeddings (B, D) -> the ``ip_adapter_image_embeds`` list a diffusers pipeline takes.
+    """ONE identity's embedding(s) -> the ``ip_adapter_image_embeds`` list a diffusers pipeline takes.
 
-    Returns ``[x]`` with x of shape (2B, 1, D) = cat([zeros, id]) under CFG
-    (the pipeline splits it with ``chunk(2)``: negative first), else (B, 1, D).
-    The zero embedding is the unconditional identity: the trainer's "dropped
-    identity" is the same zeros, so guidance contrasts exactly what training
-    taught. One image per prompt: use ``num_images_per_prompt=1`` and one
-    prompt per identity.
+    id_embeds: (D,) or (N, D), N reference embeddings of the same person (N = 1
+    usually; N > 1 gives N*K identity tokens, diffusers' multi-image FaceID).
+    Returns ``[x]`` with x (2, N, D) = cat([zeros, id]) under CFG (the pipeline
+    splits it with ``chunk(2)``: negative first), else (1, N, D).
+
+    The pipeline repeats x for every prompt of the call, so one call = one
+    identity (any number of prompts / images per prompt). The zero embedding
+    is the unconditional identity: the trainer's "dropped identity" is the same
+    zeros, so guidance contrasts exactly what training taught. For a direct
+    UNet call with a different identity per batch row use
+    ``per_sample_image_embeds``.
     """
     if id_embeds.ndim == 1:
         id_embeds = id_embeds[None]
     if id_embeds.ndim != 2:
-        raise ValueError(f"id_embeds must be (B, D) or (D,), got {tuple(id_embeds.shape)}")
-    x = id_embeds[:, None, :]                                  # (B, 1, D): one image per prompt
+        raise ValueError(f"id_embeds must be (D,) or (N, D) for one identity, got {tuple(id_embeds.shape)}")
+    x = id_embeds[None]                                        # (1, N, D)
     if do_classifier_free_guidance:
-        x = torch.cat([torch.zeros_like(x), x], dim=0)         # (2B, 1, D), negative first
+        x = torch.cat([torch.zeros_like(x), x], dim=0)         # (2, N, D), negative first
     return [x.to(device=device, dtype=dtype or x.dtype)]
+
+
+def per_sample_image_embeds(id_embeds: torch.Tensor) -> list[torch.Tensor]:
+    """(B, D), one identity per batch row -> ``added_cond_kwargs["image_embeds"]`` for a direct UNet call: [(B, 1, D)]."""
+    if id_embeds.ndim != 2:
+        raise ValueError(f"id_embeds must be (B, D), got {tuple(id_embeds.shape)}")
+    return [id_embeds[:, None, :]]

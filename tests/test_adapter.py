@@ -71,7 +71,7 @@ def test_export_loads_in_stock_diffusers_and_matches(tiny_pipeline_dir, tmp_path
     ident = torch.nn.functional.normalize(torch.randn(2, 128), dim=-1)
     with torch.no_grad():
         ours = unet(x, t, encoder_hidden_states=(text, [enc(ident)])).sample
-        embeds = adapter.identity_image_embeds(ident, do_classifier_free_guidance=False)
+        embeds = adapter.per_sample_image_embeds(ident)
         theirs = pipe.unet(x, t, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": embeds}).sample
         base = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")(x, t, text).sample
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
@@ -79,7 +79,7 @@ def test_export_loads_in_stock_diffusers_and_matches(tiny_pipeline_dir, tmp_path
 
     # Generation with CFG through the stock pipeline (zero identity as the negative branch).
     image = pipe(["a photo of a person"] * 2, num_inference_steps=2, output_type="np",
-                 ip_adapter_image_embeds=adapter.identity_image_embeds(ident),
+                 ip_adapter_image_embeds=adapter.identity_image_embeds(ident[0]),
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (2, 64, 64, 3)
 
@@ -93,9 +93,11 @@ def test_load_adapter_config_errors(tmp_path):
 
 
 def test_identity_image_embeds_cfg_layout():
-    ident = torch.randn(3, 16)
+    ident = torch.randn(3, 16)  # three reference embeddings of one person
     (x,) = adapter.identity_image_embeds(ident)
-    neg, pos = x.chunk(2)
-    assert x.shape == (6, 1, 16)
-    torch.testing.assert_close(pos[:, 0], ident)
+    neg, pos = x.chunk(2)       # what the pipeline does under CFG
+    assert x.shape == (2, 3, 16)
+    torch.testing.assert_close(pos[0], ident)
     assert not neg.any()
+    assert adapter.identity_image_embeds(ident[0], do_classifier_free_guidance=False)[0].shape == (1, 1, 16)
+    assert adapter.per_sample_image_embeds(ident)[0].shape == (3, 1, 16)

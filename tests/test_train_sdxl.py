@@ -75,7 +75,7 @@ def test_sdxl_step_and_export_match_stock_pipeline(sdxl_dir, tmp_path):
     pipe.load_ip_adapter(str(folder), subfolder="", weight_name=adapter.WEIGHT_NAME, image_encoder_folder=None)
     with torch.no_grad():
         ours, _ = model(sb.noisy, sb.timesteps, sb.text, sb.id_embeds, sb.added())
-        embeds = adapter.identity_image_embeds(sb.id_embeds, do_classifier_free_guidance=False)
+        embeds = adapter.per_sample_image_embeds(sb.id_embeds)
         theirs = pipe.unet(sb.noisy, sb.timesteps, encoder_hidden_states=sb.text,
                            added_cond_kwargs={**sb.added(), "image_embeds": embeds}).sample
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)

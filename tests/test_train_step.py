@@ -153,7 +153,29 @@ def test_export_from_training_wrapper_matches_stock_pipeline(setup, tmp_path, ti
     pipe.load_ip_adapter(str(folder), subfolder="", weight_name=adapter.WEIGHT_NAME, image_encoder_folder=None)
     with torch.no_grad():
         ours, _ = model(sb.noisy, sb.timesteps, sb.text, sb.id_embeds)
-        embeds = adapter.identity_image_embeds(sb.id_embeds, do_classifier_free_guidance=False)
+        embeds = adapter.per_sample_image_embeds(sb.id_embeds)
         theirs = pipe.unet(sb.noisy, sb.timesteps, encoder_hidden_states=sb.text,
                            added_cond_kwargs={"image_embeds": embeds}).sample
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_validation_sampler_matches_stock_pipeline_with_exported_adapter(setup, tmp_path, tiny_pipeline_dir):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from accord_face.train.validation import sample_images
+
+    cfg, parts, model, batch, sb, step = setup
+    ids = batch["face_embedding"][1].repeat(2, 1)  # a pipeline call takes one identity for all its prompts
+    prompts = ["a photo of a person", "a woman wearing a red hat"]
+    ours = sample_images(model, parts, prompts, ids, 0.7, 3, 4.0, 64, 5, torch.device("cpu"))
+    adapter.set_ip_scale(model.unet, 1.0)
+
+    folder = adapter.export_adapter(tmp_path / "adapter", model.encoder, model.unet, {"num_tokens": 4})
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_ip_adapter(str(folder), subfolder="", weight_name=adapter.WEIGHT_NAME, image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(0.7)
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    theirs = pipe(prompts, num_inference_steps=3, guidance_scale=4.0, latents=latents, output_type="np",
+                  ip_adapter_image_embeds=adapter.identity_image_embeds(ids[0])).images
+    assert abs(ours.astype(float) / 255 - theirs).max() <= 1.5 / 255

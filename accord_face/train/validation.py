@@ -32,8 +32,10 @@ def sample_images(model, parts: FrozenParts, prompts: list[str], id_embeds: torc
     unet = model.unet
     adapter.set_ip_scale(unet, scale)
     n = len(prompts)
-    text, pooled = encode_text(parts, list(prompts) + [""] * n, device)               # (2N, L, cad)
-    ids = torch.cat([id_embeds.to(device), torch.zeros_like(id_embeds).to(device)]).float()
+    # Negative branch first, as diffusers lays out CFG batches: ("" + zero identity, prompt + identity);
+    # the zeros are what adapter.identity_image_embeds feeds a pipeline's negative branch.
+    text, pooled = encode_text(parts, [""] * n + list(prompts), device)               # (2N, L, cad)
+    ids = torch.cat([torch.zeros_like(id_embeds), id_embeds]).float().to(device)       # (2N, D)
     added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(2 * n, resolution, device)} if parts.is_sdxl else None
     vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     gen = torch.Generator().manual_seed(seed)
@@ -42,7 +44,7 @@ def sample_images(model, parts: FrozenParts, prompts: list[str], id_embeds: torc
     for t in sched.timesteps:
         x = torch.cat([latents, latents])
         pred, _ = model(x, t.expand(2 * n).to(device), text, ids, added)
-        cond, uncond = pred.float().chunk(2)
+        uncond, cond = pred.float().chunk(2)
         latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
     vae = parts.vae
     images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
