@@ -133,7 +133,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     out = Path(cfg.out)
     identities, prompts = load_identities(cfg.faces), load_prompts(cfg.prompts)
-    settings = to_dict(cfg)
+    # The fingerprint of a run: its settings and the inputs the files held (sample keys use prompt indices).
+    settings = {**to_dict(cfg), "prompt_list": prompts,
+                "identity_photos": {n: [str(p) for p in photos] for n, photos in identities.items()}}
     settings_path, samples_path = out / "settings.json", out / "samples.jsonl"
     done = _load_done(samples_path)
     if samples_path.is_file():  # keep only complete records, so appends never glue onto a torn last line
