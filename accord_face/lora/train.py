@@ -162,7 +162,9 @@ def train_lora(cfg: LoraTrainConfig, log=print) -> dict:
 
     groups = trainable_parameters(models, cfg.learning_rate, cfg.textual_inversion.learning_rate, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups)
+    # Prepared only for fp16 loss scaling (unscale before clipping, skip steps with inf); gradients are
+    # averaged by hand, see average_gradients.
+    optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(groups))
     log(f"[lora] trainable parameters: {sum(p.numel() for p in params):,}")
 
     start = 0
@@ -191,7 +193,7 @@ def train_lora(cfg: LoraTrainConfig, log=print) -> dict:
                 sums[k] = sums.get(k, 0.0) + float(torch.as_tensor(v).detach()) / cfg.gradient_accumulation
         average_gradients(params)
         if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         restore_frozen_embeddings(models)
