@@ -183,6 +183,19 @@ def test_ddloss_term_uses_the_four_prompts_at_the_same_noisy_latent(tiny_pipelin
     assert grads and any(g.abs().sum() > 0 for g in grads), "DDLoss must reach the LoRA weights"
 
 
+def test_stratified_ddloss_covers_every_timestep_quartile(tiny_pipeline_dir, tmp_path):
+    cfg, models = lora_models(tiny_pipeline_dir, tmp_path, "accord.lambda_dd=0.5", "textual_inversion.enabled=false",
+                              "accord.timesteps=stratified", "accord.t_per_sample=2")
+    batch = make_batch(n=2)
+    terms, stats = loss_terms(models, batch, cfg, step=0, generator=torch.Generator().manual_seed(0))
+    assert {f"delta_q{q}" for q in range(4)} <= set(stats)  # 2 samples x 2 t, one t per quartile
+    mse = F.mse_loss(plain_forward(models, batch.latents, batch.noise, batch.timesteps,
+                                   [p.joint for p in batch.prompts])[0], batch.noise)
+    torch.testing.assert_close(terms["loss"], mse + 0.5 * terms["dd"], atol=1e-6, rtol=1e-5)
+    with pytest.raises(Exception, match="t_per_sample"):
+        config(tiny_pipeline_dir, tmp_path, "accord.t_per_sample=2")
+
+
 def test_prior_preservation_class_half_gets_its_own_term(tiny_pipeline_dir, tmp_path):
     cfg, models = lora_models(tiny_pipeline_dir, tmp_path, "accord.lambda_dd=0", "textual_inversion.enabled=false",
                               "prior.enabled=true", "prior.loss_weight=0.25")

@@ -75,6 +75,8 @@ class AccordConfig:
     timesteps: Literal["shared", "stratified"] = field(
         "shared", help="shared: DDLoss reuses the base loss's x_t, t and joint output; stratified: its own "
         "stratified t per sample (one more forward with gradient)")
+    t_per_sample: int = field(1, help="with timesteps=stratified: DDLoss t values per sample (the batch is "
+                              "repeated, t stratified over all copies)")
     warmup_steps: int = field(0, help="lambda_dd ramps linearly from 0 over this many steps")
     every: int = field(1, help="compute DDLoss every k-th step (cost control)")
     fraction: float = field(1.0, help="fraction of the instance batch used for DDLoss (cost control)")
@@ -85,7 +87,9 @@ class AccordConfig:
     def validate(self):
         if self.lambda_dd < 0 or self.lambda_pd < 0:
             raise ValueError("accord.lambda_dd and accord.lambda_pd must be >= 0")
-        if self.every < 1 or not 0 < self.fraction <= 1:
+        if self.t_per_sample > 1 and self.timesteps != "stratified":
+            raise ValueError("accord.t_per_sample > 1 needs accord.timesteps=stratified")
+        if self.every < 1 or self.t_per_sample < 1 or not 0 < self.fraction <= 1:
             raise ValueError("accord.every must be >= 1 and accord.fraction in (0, 1]")
 
 

@@ -110,13 +110,16 @@ def loss_terms(models: LoraModels, batch: Batch, cfg: LoraTrainConfig, step: int
     lam = dd_lambda(cfg.accord, step)
     if lam > 0:
         n = max(1, math.ceil(cfg.accord.fraction * n_inst))
+        dd_prompts = batch.prompts[:n]
         if cfg.accord.timesteps == "shared":  # reuse the base loss's joint forward: no extra gradient pass
             dd_x, dd_t, joint = x_t[:n], t[:n], pred[:n]
-        else:
-            dd_t = stratified_timesteps(n, sched.config.num_train_timesteps, generator).to(device)
-            dd_x = sched.add_noise(latents[:n], noise[:n], dd_t)
-            joint = _unet(models, dd_x, dd_t, cond[:n], train=True).float()
-        p, g, null = reference_predictions(models, dd_x, dd_t, batch.prompts[:n], cfg.accord.reference == "frozen")
+        else:  # own t, stratified over n * t_per_sample copies of the first n samples
+            idx = torch.arange(n, device=device).repeat(cfg.accord.t_per_sample)          # (n*k,)
+            dd_t = stratified_timesteps(len(idx), sched.config.num_train_timesteps, generator).to(device)
+            dd_x = sched.add_noise(latents[idx], noise[idx], dd_t)                         # (n*k, 4, h, w)
+            joint = _unet(models, dd_x, dd_t, cond[idx], train=True).float()
+            dd_prompts = [batch.prompts[i] for i in idx.tolist()]
+        p, g, null = reference_predictions(models, dd_x, dd_t, dd_prompts, cfg.accord.reference == "frozen")
         terms["dd"], delta = losses.denoising_decouple_loss(joint, p.float(), g.float(), null.float(), dd_x, dd_t, sched)
         total = total + lam * terms["dd"]
         stats["lambda_dd"] = lam
