@@ -162,18 +162,17 @@ def main() -> None:
         print(f"{'variant':<16} {'s/step':>8} {'x base':>7} {'peak GiB':>9} {'x base':>7}")
         times: dict[str, list[float]] = {name: [] for name, *_ in VARIANTS}
         peaks: dict[str, float] = {name: 0.0 for name, *_ in VARIANTS}
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             for name, ldd, lpd, frac in VARIANTS:
                 c = dataclasses.replace(cfg, losses=dataclasses.replace(cfg.losses, lambda_dd=ldd, lambda_pd=lpd,
                                                                         dd_batch_fraction=frac))
                 sec, gib = run_variant(model, parts, c, sb, args.steps, device, dtype)
                 times[name].append(sec)
                 peaks[name] = max(peaks[name], gib)
-        base_t, base_m = statistics.median(times["baseline"]), peaks["baseline"]
-        for name, *_ in VARIANTS:
-            sec = statistics.median(times[name])
-            print(f"{name:<16} {sec:8.3f} {sec / base_t:7.2f} {peaks[name]:9.3f} {peaks[name] / base_m:7.2f}",
-                  flush=True)
+                if r == args.rounds - 1:  # last round: print as we go (medians over all rounds)
+                    med, base_t = statistics.median(times[name]), statistics.median(times["baseline"])
+                    print(f"{name:<16} {med:8.3f} {med / base_t:7.2f} {peaks[name]:9.3f} "
+                          f"{peaks[name] / peaks['baseline']:7.2f}", flush=True)
         del model, parts
         if device.type == "cuda":
             torch.cuda.empty_cache()
