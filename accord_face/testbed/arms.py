@@ -32,7 +32,7 @@ import torch
 
 from accord_face.losses import denoising_decouple_loss, quartile_means
 from accord_face.testbed.config import FinetuneConfig
-from accord_face.testbed.model import T2I, build_scheduler
+from accord_face.testbed.model import T2I, build_scheduler, training_target
 from accord_face.testbed.world import BG_NAMES, TARGET_SHAPE, TARGET_TOKEN, caption, place, render_batch
 
 CONTEXTS = {0: ("square", "white"), 1: ("circle", "cyan")}  # reference set -> context (shape, colour)
@@ -134,7 +134,7 @@ def calibrate_lambda(base: T2I, arm: Arm, refs: RefSet, cfg: FinetuneConfig, bat
         x_t = sched.add_noise(x0, noise, t)
         with torch.no_grad():
             pred = base(x_t, t, base.encode(caps["joint"]))
-            l_base.append(float((pred - noise).pow(2).mean()))
+            l_base.append(float((pred - training_target(sched, x0, noise, t)).pow(2).mean()))
             l_dd.append(float(dd_term(base, base, arm, x0, caps, (x_t, t, pred), sched,
                                       cfg.dd_samples_per_image, gen)[0]))
     lb, ld = float(np.mean(l_base)), float(np.mean(l_dd))
@@ -162,7 +162,7 @@ def finetune(base: T2I, arm: Arm, refs: RefSet, cfg: FinetuneConfig, seed: int,
         t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=gen)
         x_t = sched.add_noise(x0, noise, t)
         pred = model(x_t, t, model.encode(caps["joint"]))
-        loss_base = (pred - noise).pow(2).mean()
+        loss_base = (pred - training_target(sched, x0, noise, t)).pow(2).mean()
         loss = loss_base
         if arm.ratio > 0:
             scale = min(1.0, step / (cfg.warmup_frac * cfg.steps)) if arm.warmup else 1.0

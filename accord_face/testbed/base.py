@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from accord_face.testbed.config import BaseModelConfig
-from accord_face.testbed.model import T2I, build_scheduler
+from accord_face.testbed.model import T2I, build_scheduler, training_target
 from accord_face.testbed.world import random_scene, render_batch, scene_caption
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,16 @@ def train_base(cfg: BaseModelConfig, cache: Path) -> T2I:
         x0, caps = base_batch(rng, cfg.batch_size, cfg.caption_dropout)
         noise = torch.randn_like(x0)
         t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],))
-        loss = (model(sched.add_noise(x0, noise, t), t, model.encode(caps)) - noise).pow(2).mean()
+        target = training_target(sched, x0, noise, t)
+        loss = (model(sched.add_noise(x0, noise, t), t, model.encode(caps)) - target).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # warm-up as diffusers' EMAModel: no init bias
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - cfg.ema_decay)
+                pe.lerp_(pm, 1 - decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % 100 == 0:
             log.info("base step %d loss %.4f", step + 1, loss.item())

@@ -9,10 +9,10 @@ from accord_face.config import field
 
 @dataclass
 class BaseModelConfig:
-    steps: int = field(1500, help="optimizer steps of base text-to-image training (from scratch)")
-    batch_size: int = field(16, help="scenes per step, rendered on the fly")
-    lr: float = field(5e-4, help="AdamW learning rate (linear warm-up over the first 200 steps)")
-    ema_decay: float = field(0.998, help="EMA of the weights; the EMA model is the one used")
+    steps: int = field(2500, help="optimizer steps of base text-to-image training (from scratch)")
+    batch_size: int = field(32, help="scenes per step, rendered on the fly")
+    lr: float = field(1e-3, help="AdamW learning rate (linear warm-up over the first 200 steps)")
+    ema_decay: float = field(0.995, help="EMA of the weights; the EMA model is the one used")
     caption_dropout: float = field(0.1, help="probability of an empty caption (classifier-free guidance)")
     checkpoint_every: int = field(100, help="steps between resumable checkpoints")
     threads: int = field(1, help="torch CPU threads (1: the machine is shared; 2 threads under contention ran 20x slower)")
@@ -44,8 +44,8 @@ class FinetuneConfig:
 @dataclass
 class EvalConfig:
     images_per_prompt: int = field(3, help="generated images per evaluation prompt and run")
-    sample_steps: int = field(25, help="DDIM steps")
-    guidance: float = field(4.0, help="classifier-free guidance scale")
+    sample_steps: int = field(25, help="DDIM steps (eta = 1: ancestral; eta = 0 drifts off the tiny model's data manifold)")
+    guidance: float = field(3.0, help="classifier-free guidance scale")
 
 
 @dataclass
@@ -61,6 +61,8 @@ class TestbedConfig:
                                 help="reference sets (0: context = square, 1: context = circle; seeds differ)")
     arms: list[str] = field(default_factory=list, help="arms to run; empty = all")
     threads: int = field(1, help="torch CPU threads for judge / arms")
+    use_assets: bool = field(True, help="start from the committed base model / judge (accord_face/testbed/assets) "
+                                        "when the cache is empty and their recorded config equals this one")
 
     def validate(self) -> None:
         if not self.seeds or not self.ref_sets:

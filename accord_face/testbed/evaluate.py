@@ -65,7 +65,7 @@ def evaluate_model(model: T2I, judge: Judge, context: tuple[str, str], seed: int
     specs = [s for s in target_prompts(context) for _ in range(images_per_prompt)]
     cspecs = [s for s in context_prompts(context) for _ in range(images_per_prompt)]
     prompts = [s[0] for s in specs] + [s[0] for s in cspecs]
-    images = sample(model, prompts, seed=seed, steps=steps, guidance=guidance)
+    images = sample(model, prompts, seed=seed, steps=steps, guidance=guidance)  # eta = 1
     present, bg = predict(judge, images, threshold)
     n = len(specs)
     per = score_target_images(present[:n], bg[:n], specs, context[0])

@@ -67,8 +67,18 @@ def build_unet(seed: int = 0) -> UNet2DConditionModel:
 
 
 def build_scheduler() -> DDPMScheduler:
+    """Cosine schedule, v-prediction: an epsilon-prediction model this small left visible noise in
+    its samples (it cannot predict the noise at small t), which the judges then misread."""
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="epsilon", clip_sample=False)
+                         prediction_type="v_prediction", clip_sample=False)
+
+
+def training_target(sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet regresses: v = sqrt(abar) eps - sqrt(1 - abar) x0 (or eps / x0 per the scheduler)."""
+    kind = sched.config.prediction_type
+    if kind == "v_prediction":
+        return sched.get_velocity(x0, noise, t)
+    return noise if kind == "epsilon" else x0
 
 
 class T2I(nn.Module):
@@ -84,7 +94,7 @@ class T2I(nn.Module):
         return self.text(tokenize(prompts))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x_t (N, 3, H, W), t (N,), cond (N, L, D) -> epsilon (N, 3, H, W)."""
+        """x_t (N, 3, H, W), t (N,), cond (N, L, D) -> raw output (N, 3, H, W) (v, per the scheduler)."""
         h = F.pixel_unshuffle(x_t, 2)                                    # (N, 12, H/2, W/2)
         return F.pixel_shuffle(self.unet(h, t, encoder_hidden_states=cond).sample, 2)
 

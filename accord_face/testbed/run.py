@@ -56,6 +56,8 @@ def run_testbed(cfg: TestbedConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     ev = cfg.eval
 
+    if cfg.use_assets:
+        restore_assets(cfg, cache)
     base = train_base(cfg.base, cache)
     judge, judge_report = train_judge(cfg.judge, cache)
     log.info("judge held-out accuracy: %s", judge_report)
@@ -77,11 +79,13 @@ def run_testbed(cfg: TestbedConfig) -> dict:
     def dd_kind(a: str) -> str:
         return f"t={arms[a].timesteps},keep_bg={arms[a].keep_background}"
 
-    def calibration():
+    def calibration_of(r: int) -> dict:
         kinds = {dd_kind(a): a for a in names if arms[a].ratio > 0}
-        return {f"{kind}/{r}": calibrate_lambda(base, replace(arms[a], ratio=1.0), refs, cfg.finetune)
-                for kind, a in kinds.items() for r, refs in refsets.items()}
-    calib = cached_json(out / "calibration.json", calibration)
+        return {f"{kind}/{r}": calibrate_lambda(base, replace(arms[a], ratio=1.0), refsets[r], cfg.finetune)
+                for kind, a in kinds.items()}
+    calib: dict = {}
+    for r in refsets:  # one file per reference set, so reference sets can run as parallel processes
+        calib.update(cached_json(out / f"calibration_ref{r}.json", lambda: calibration_of(r)))
 
     def one_run(arm_name: str, r: int, seed: int) -> dict:
         path = out / "runs" / f"{arm_name}_ref{r}_seed{seed}.json"
@@ -135,6 +139,24 @@ def run_testbed(cfg: TestbedConfig) -> dict:
     write_table(results, out / "table.md")
     write_plot(results, out / "coupling_vs_fidelity.png")
     return results
+
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def restore_assets(cfg: TestbedConfig, cache: Path) -> None:
+    """Copy the committed base model / judge into an empty cache when they were made with this config."""
+    import shutil
+    for name, sub in (("base_model", cfg.base), ("judge", cfg.judge)):
+        src, meta = ASSETS / f"{name}.pt", ASSETS / f"{name}.json"
+        if (cache / f"{name}.pt").exists() or not src.exists() or not meta.exists():
+            continue
+        if json.loads(meta.read_text()) == to_dict(sub):
+            cache.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, cache / f"{name}.pt")
+            log.info("using the committed %s (%s): its config matches", name, src)
+        else:
+            log.info("not using the committed %s: it was made with another config", name)
 
 
 def _labels(raw: dict, k: int) -> str:
