@@ -125,8 +125,8 @@ class LoraTrainConfig:
     weight_decay: float = field(1e-2, help="AdamW weight decay of the LoRA weights")
     max_grad_norm: float = field(1.0, help="gradient clipping (0 = off)")
     resolution: Optional[int] = field(None, help="training resolution; null: the UNet sample size x VAE factor")
-    mixed_precision: Literal["no", "fp16", "bf16"] = field("no", help="frozen weights in half precision on GPU; "
-                                                          "LoRA weights and loss stay fp32")
+    mixed_precision: Literal["fp32", "fp16", "bf16"] = field("fp32", help="fp16/bf16: frozen weights in half "
+                                                              "precision on GPU; LoRA weights and loss stay fp32")
     seed: int = field(0, help="seed of data order, noise and timesteps")
     checkpoint_every: int = field(100, help="write a resumable checkpoint every k steps (and at the end)")
     keep_checkpoints: int = field(2, help="newest checkpoints kept")

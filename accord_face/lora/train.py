@@ -124,7 +124,8 @@ def train_lora(cfg: LoraTrainConfig, log=print) -> dict:
     cuda = torch.cuda.is_available()
     # Several CPU processes (accelerate launch on a laptop, tests) talk over gloo; a lone process needs no group.
     gloo = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision if cuda else "no",
+    precision = cfg.mixed_precision if cuda and cfg.mixed_precision != "fp32" else "no"
+    accelerator = Accelerator(mixed_precision=precision,
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if gloo else [])
     main = accelerator.is_main_process
     log = log if main else (lambda *a, **k: None)
