@@ -117,8 +117,11 @@ def prepare_references(cfg: LoraTrainConfig, out: Path, resolution: int, log) ->
     return refs
 
 
-def train_lora(cfg: LoraTrainConfig, log=print) -> dict:
-    """Train, checkpoint, export; returns paths, the last logged terms and the trained ``models``."""
+def train_lora(cfg: LoraTrainConfig, log=None) -> dict:
+    """Train, checkpoint, export; returns paths, the last logged terms and the trained ``models``.
+
+    ``log`` takes one line; the default writes above the progress bar (``tqdm.write``).
+    """
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
@@ -128,7 +131,7 @@ def train_lora(cfg: LoraTrainConfig, log=print) -> dict:
     accelerator = Accelerator(mixed_precision=precision,
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if gloo else [])
     main = accelerator.is_main_process
-    log = log if main else (lambda *a, **k: None)
+    log = (log or tqdm.write) if main else (lambda *a, **k: None)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Same seed on every rank: LoRA A matrices must start identical. Per-step randomness is seeded per sample.
