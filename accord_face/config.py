@@ -100,6 +100,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads "1e-4" (no dot) as a string; accept it as the number it means.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{_where(key, source)}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

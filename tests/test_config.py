@@ -40,6 +40,15 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.path == "/tmp/p" and cfg.inner.lr == 2.0 and isinstance(cfg.inner.lr, float)
 
 
+def test_exponent_without_dot_is_a_float(tmp_path):
+    # PyYAML (YAML 1.1) parses 1e-4 as a string; the config layer must still read it as a number.
+    cfg = load_config(Outer, write(tmp_path, "inner:\n  lr: 1e-4\n"), ["inner.lr=3e-5"])
+    assert cfg.inner.lr == 3e-5
+    assert load_config(Outer, write(tmp_path, "inner:\n  lr: 1e-4\n")).inner.lr == 1e-4
+    with pytest.raises(ConfigError, match="inner.lr"):
+        load_config(Outer, write(tmp_path, "inner:\n  lr: fast\n"))
+
+
 def test_unknown_key_names_key_and_file(tmp_path):
     path = write(tmp_path, "inner:\n  lrr: 0.1\n")
     with pytest.raises(ConfigError, match=r"'inner\.lrr'.*c\.yaml"):
