@@ -7,7 +7,8 @@ same run, so the printed ratios (variant / baseline) are comparable:
     python benchmarks/bench_train_step.py                      # tiny + sd15-shaped UNet (random weights), CPU
     python benchmarks/bench_train_step.py --device cuda --sizes sd15 --resolution 512 --batch 4
 
-A step = prepare nothing (random latents / cached text states) -> compute_losses
+Time: wall clock on CUDA; on CPU the process CPU time with 1 torch thread (stable
+on a shared machine, where wall time swings with other load). A step = prepare nothing (random latents / cached text states) -> compute_losses
 (joint forward, DDLoss no-grad branches, PDLoss) -> backward -> AdamW step on the
 trainable parameters (encoder + to_k_ip/to_v_ip). Memory: on CUDA the peak
 allocated during the measured steps; on CPU the peak of malloc's bytes in use
@@ -128,13 +129,15 @@ def run_variant(model, parts, cfg, sb, steps: int, device, autocast_dtype):
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
+    # On a (shared) CPU the process CPU time is the stable cost measure: wall time swings with other load.
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     with HeapPeak() as mem:
-        tic = time.perf_counter()
+        tic = clock()
         for _ in range(steps):
             one()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        sec = (time.perf_counter() - tic) / steps
+        sec = (clock() - tic) / steps
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else mem.peak
     return sec, peak / 2 ** 30
 
@@ -147,7 +150,7 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=0, help="0: 64 for tiny, 256 for sd15 on CPU, 512 on GPU")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     ap.add_argument("--rounds", type=int, default=3, help="round-robin repetitions (median reported)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time = work, no spin)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,7 +162,8 @@ def main() -> None:
         sb = make_batch(parts, cfg, args.batch, res, device)
         print(f"\n== {size} UNet ({sum(p.numel() for p in model.unet.parameters()) / 1e6:.0f} M params), "
               f"{res} px, batch {args.batch}, {device}, {args.steps} steps/variant ==")
-        print(f"{'variant':<16} {'s/step':>8} {'x base':>7} {'peak GiB':>9} {'x base':>7}")
+        unit = "s/step" if device.type == "cuda" else "cpu s/step"
+        print(f"{'variant':<16} {unit:>10} {'x base':>7} {'peak GiB':>9} {'x base':>7}")
         times: dict[str, list[float]] = {name: [] for name, *_ in VARIANTS}
         peaks: dict[str, float] = {name: 0.0 for name, *_ in VARIANTS}
         for r in range(args.rounds):
@@ -171,7 +175,7 @@ def main() -> None:
                 peaks[name] = max(peaks[name], gib)
                 if r == args.rounds - 1:  # last round: print as we go (medians over all rounds)
                     med, base_t = statistics.median(times[name]), statistics.median(times["baseline"])
-                    print(f"{name:<16} {med:8.3f} {med / base_t:7.2f} {peaks[name]:9.3f} "
+                    print(f"{name:<16} {med:10.3f} {med / base_t:7.2f} {peaks[name]:9.3f} "
                           f"{peaks[name] / peaks['baseline']:7.2f}", flush=True)
         del model, parts
         if device.type == "cuda":
