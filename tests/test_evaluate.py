@@ -78,21 +78,17 @@ def test_evaluate_end_to_end_schema_resume(inputs, tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| scale | identity similarity |" in report and "same as the conditioning recognizer" in report
 
-    # Rerun: everything is already measured, nothing is generated again, same numbers.
-    before = (out / "samples.jsonl").read_text()
-    assert main(_argv(inputs, out)) == 0
-    assert (out / "samples.jsonl").read_text() == before
-    assert json.loads((out / "metrics.json").read_text()) == m
-
-    # Interrupted run (killed mid-write after 5 images): the rerun measures only the 3 missing ones.
-    lines = before.splitlines()
+    # Interrupted run (killed mid-write after 5 images): the rerun measures only the 3 missing ones
+    # and keeps the 5 records it has.
+    lines = (out / "samples.jsonl").read_text().splitlines()
     (out / "samples.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])
     assert main(_argv(inputs, out)) == 0
     redone = (out / "samples.jsonl").read_text().splitlines()
     assert redone[:5] == lines[:5] and len(redone) == 8  # the torn line is dropped, not glued to the next record
     keys = [json.loads(ln)["key"] for ln in redone[5:]]
     assert sorted(keys) == sorted(json.loads(ln)["key"] for ln in lines[5:])
-    assert json.loads((out / "metrics.json").read_text())["num_samples"] == 8
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert m2["num_samples"] == 8 and m2["coupling"] == m["coupling"]  # the diagnostics are deterministic
 
     # Other settings into the same folder: refused with a one-line message.
     capsys.readouterr()
