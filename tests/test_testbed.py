@@ -209,3 +209,17 @@ def test_sampling_is_seeded_and_bounded():
     a = sample(m, ["a red circle on a blue background"] * 2, seed=1, steps=2)
     b = sample(m, ["a red circle on a blue background"] * 2, seed=1, steps=2)
     assert torch.equal(a, b) and a.shape == (2, 3, 32, 32) and a.abs().max() <= 1
+
+
+def test_stored_run_images_round_trip_through_npz_and_grid(tmp_path):
+    from accord_face.testbed.model import to_uint8
+    from accord_face.testbed.report import save_grid
+    from accord_face.testbed.run import load_run_images
+    x = torch.rand(48, 3, 32, 32) * 2 - 1
+    save_grid(x, ["label"] * 48, tmp_path / "grid.png")
+    from_grid = load_run_images(tmp_path / "run.json", tmp_path / "grid.png")
+    np.testing.assert_array_equal(to_uint8(from_grid), to_uint8(x))
+    np.savez_compressed(tmp_path / "run.npz", images=to_uint8(x))
+    np.testing.assert_array_equal(to_uint8(load_run_images(tmp_path / "run.json", tmp_path / "nogrid.png")), to_uint8(x))
+    with pytest.raises(FileNotFoundError, match="delete"):
+        load_run_images(tmp_path / "other.json", tmp_path / "nogrid.png")

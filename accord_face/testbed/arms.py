@@ -169,8 +169,8 @@ def finetune(base: T2I, arm: Arm, refs: RefSet, cfg: FinetuneConfig, seed: int,
             l_dd, delta, t_dd = dd_term(model, frozen, arm, x0, caps, (x_t, t, pred), sched,
                                         cfg.dd_samples_per_image, gen_dd)
             loss = loss + scale * lam * l_dd
-            logs["L_DD"].append(float(l_dd))
-            logs["ratio"].append(float(lam * l_dd / loss_base))
+            logs["L_DD"].append(float(l_dd.detach()))
+            logs["ratio"].append(float(lam * l_dd.detach() / loss_base.detach()))
             for q, v in quartile_means(delta, t_dd, sched.config.num_train_timesteps).items():
                 logs["delta_by_quartile"][q].append(v)
         logs["L_base"].append(float(loss_base.detach()))

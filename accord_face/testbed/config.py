@@ -26,6 +26,8 @@ class JudgeConfig:
     lr: float = field(2e-3, help="Adam learning rate")
     threshold: float = field(0.5, help="sigmoid threshold for 'shape present'")
     seed: int = field(1, help="seed")
+    version: int = field(2, help="judge version (cache file judge_v<version>.pt); v1 lacked brightness/"
+                                 "saturation-boost augmentation and misread fine-tuned samples")
 
 
 @dataclass

@@ -58,14 +58,20 @@ def score_target_images(present: torch.Tensor, bg_pred: torch.Tensor, specs, con
     return {"target_fidelity": fid, "coupling_rate": cpl, "text_alignment": ali}
 
 
-@torch.no_grad()
-def evaluate_model(model: T2I, judge: Judge, context: tuple[str, str], seed: int, images_per_prompt: int,
-                   steps: int, guidance: float, threshold: float = 0.5) -> tuple[dict[str, float], dict]:
-    """Generate the protocol's images with ``seed`` and judge them -> (metric means, raw images/labels)."""
+def protocol_specs(context: tuple[str, str], images_per_prompt: int):
+    """(target specs, context specs), one entry per generated image, in generation order."""
     specs = [s for s in target_prompts(context) for _ in range(images_per_prompt)]
     cspecs = [s for s in context_prompts(context) for _ in range(images_per_prompt)]
-    prompts = [s[0] for s in specs] + [s[0] for s in cspecs]
-    images = sample(model, prompts, seed=seed, steps=steps, guidance=guidance)  # eta = 1
+    return specs, cspecs
+
+
+@torch.no_grad()
+def score_images(images: torch.Tensor, judge: Judge, context: tuple[str, str], images_per_prompt: int,
+                 threshold: float = 0.5) -> tuple[dict[str, float], dict]:
+    """Judge the protocol's images (target prompts first, then context prompts) -> (metric means, raw)."""
+    specs, cspecs = protocol_specs(context, images_per_prompt)
+    if images.shape[0] != len(specs) + len(cspecs):
+        raise ValueError(f"expected {len(specs) + len(cspecs)} protocol images, got {images.shape[0]}")
     present, bg = predict(judge, images, threshold)
     n = len(specs)
     per = score_target_images(present[:n], bg[:n], specs, context[0])
@@ -74,7 +80,17 @@ def evaluate_model(model: T2I, judge: Judge, context: tuple[str, str], seed: int
                             for k, (_, b) in enumerate(cspecs)]
     per["context_target_leak"] = [float(present[n + k, ti]) for k in range(len(cspecs))]
     means = {k: float(np.mean(v)) for k, v in per.items()}
-    return means, {"prompts": prompts, "images": images, "present": present, "bg": bg, "n_target": n}
+    return means, {"prompts": [s[0] for s in specs + cspecs], "images": images, "present": present, "bg": bg,
+                   "n_target": n}
+
+
+@torch.no_grad()
+def evaluate_model(model: T2I, judge: Judge, context: tuple[str, str], seed: int, images_per_prompt: int,
+                   steps: int, guidance: float, threshold: float = 0.5) -> tuple[dict[str, float], dict]:
+    """Generate the protocol's images with ``seed`` and judge them -> (metric means, raw images/labels)."""
+    specs, cspecs = protocol_specs(context, images_per_prompt)
+    images = sample(model, [s[0] for s in specs + cspecs], seed=seed, steps=steps, guidance=guidance)  # eta = 1
+    return score_images(images, judge, context, images_per_prompt, threshold)
 
 
 @torch.no_grad()

@@ -50,10 +50,12 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     n = x.shape[0]
     u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
     gray = x.mean(dim=1, keepdim=True)
-    x = torch.lerp(x, gray.expand_as(x), 0.7 * u(n, 1, 1, 1))                      # desaturate
+    # saturation x0.3 .. x1.6: fine-tuned models also over-saturate (a bright green read as purple by v1)
+    x = gray + (x - gray) * (0.3 + 1.3 * u(n, 1, 1, 1))
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = mean + (x - mean) * (0.45 + 0.6 * u(n, 1, 1, 1))                          # contrast
     x = x * (0.75 + 0.5 * u(n, 3, 1, 1)) + 0.35 * (u(n, 3, 1, 1) - 0.5)           # colour cast
+    x = x + 0.7 * (u(n, 1, 1, 1) - 0.5)                                          # brightness
     sigma = 1.3 * u(n)                                                           # blur
     k = torch.arange(-2, 3, dtype=torch.float32)
     ker = torch.exp(-k[None] ** 2 / (2 * sigma[:, None].clamp(min=1e-3) ** 2))
@@ -98,7 +100,7 @@ def accuracy(j: Judge, x: torch.Tensor, y: torch.Tensor, threshold: float = 0.5)
 
 def train_judge(cfg: JudgeConfig, cache: Path) -> tuple[Judge, dict[str, dict[str, float]]]:
     """Train (or load) the judge; returns it with held-out accuracy on clean and augmented renders."""
-    path = cache / "judge.pt"
+    path = cache / f"judge_v{cfg.version}.pt"
     torch.manual_seed(cfg.seed)
     j = Judge()
     gen = torch.Generator().manual_seed(cfg.seed)

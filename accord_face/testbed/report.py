@@ -43,6 +43,18 @@ def write_table(results: dict, path: Path) -> str:
         lines.append(f"| {name} | {lam} | {ratio} | {_fmt(e['target_fidelity'])} | {_fmt(e['coupling_rate'])} | "
                      f"{_fmt(e['text_alignment'])} | {_fmt(e['context_alone'])} | "
                      f"{e['target_fidelity']['n']} ({e['n_images']}) |")
+    lines += ["", "Delta_t (the per-sample DDLoss quantity) by timestep quartile, mean over runs, "
+              "first -> last 20 % of fine-tuning steps:", "",
+              "| arm | t < 250 | 250-499 | 500-749 | >= 750 |", "|---|---|---|---|---|"]
+    for name, e in results["arms"].items():
+        cells = []
+        for q in ("0", "1", "2", "3"):
+            pairs = [r["delta_by_quartile"].get(q) or r["delta_by_quartile"].get(int(q)) for r in e["runs"]]
+            pairs = [p for p in pairs if p and p["first"] is not None and p["last"] is not None]
+            cells.append(f"{np.mean([p['first'] for p in pairs]):.3g} -> {np.mean([p['last'] for p in pairs]):.3g}"
+                         if pairs else "-")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text

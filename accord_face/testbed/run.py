@@ -21,8 +21,9 @@ from accord_face.config import to_dict
 from accord_face.testbed.arms import CONTEXTS, calibrate_lambda, finetune, make_arms, reference_set
 from accord_face.testbed.base import train_base
 from accord_face.testbed.config import TestbedConfig
-from accord_face.testbed.evaluate import METRICS, evaluate_model, prompt_accuracy, summarize
+from accord_face.testbed.evaluate import METRICS, evaluate_model, prompt_accuracy, score_images, summarize
 from accord_face.testbed.judge import train_judge
+from accord_face.testbed.model import to_uint8
 from accord_face.testbed.report import save_grid, write_plot, write_table
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def run_testbed(cfg: TestbedConfig) -> dict:
     base = train_base(cfg.base, cache)
     judge, judge_report = train_judge(cfg.judge, cache)
     log.info("judge held-out accuracy: %s", judge_report)
+    judge_id = f"v{cfg.judge.version}"
     base_acc = cached_json(out / "base_prompt_accuracy.json", lambda: prompt_accuracy(
         base, judge, 96, 777, ev.sample_steps, ev.guidance, cfg.judge.threshold))
     log.info("base-model prompt accuracy: %s", base_acc)
@@ -90,7 +92,16 @@ def run_testbed(cfg: TestbedConfig) -> dict:
     def one_run(arm_name: str, r: int, seed: int) -> dict:
         path = out / "runs" / f"{arm_name}_ref{r}_seed{seed}.json"
         if path.exists():
-            return json.loads(path.read_text())
+            res = json.loads(path.read_text())
+            if res.get("judge") != judge_id:  # judged by an older judge: re-judge the stored images
+                images = load_run_images(path, out / "samples" / f"{arm_name}_ref{r}_seed{seed}.png")
+                res["metrics"], _ = score_images(images, judge, CONTEXTS[r], ev.images_per_prompt,
+                                                 cfg.judge.threshold)
+                res["judge"] = judge_id
+                write_json(res, path)
+                log.info("re-judged %s with %s: %s", path.name, judge_id,
+                         {k: round(v, 3) for k, v in res["metrics"].items()})
+            return res
         t0 = time.time()
         logs: dict = {}
         lam = 0.0
@@ -105,7 +116,8 @@ def run_testbed(cfg: TestbedConfig) -> dict:
         if seed == cfg.seeds[0]:
             save_grid(raw["images"], [_labels(raw, k) for k in range(len(raw["prompts"]))],
                       out / "samples" / f"{arm_name}_ref{r}_seed{seed}.png")
-        res = {"arm": arm_name, "ref_set": r, "seed": seed, "lambda_dd": lam, "metrics": means,
+        np.savez_compressed(path.with_suffix(".npz"), images=to_uint8(raw["images"]))
+        res = {"arm": arm_name, "ref_set": r, "seed": seed, "lambda_dd": lam, "metrics": means, "judge": judge_id,
                "n_images": raw["n_target"], "seconds": round(time.time() - t0, 1),
                "L_base_first": _tail_mean(logs.get("L_base", []), 0.2, False),
                "L_base_last": _tail_mean(logs.get("L_base", []), 0.2, True),
@@ -147,7 +159,7 @@ ASSETS = Path(__file__).parent / "assets"
 def restore_assets(cfg: TestbedConfig, cache: Path) -> None:
     """Copy the committed base model / judge into an empty cache when they were made with this config."""
     import shutil
-    for name, sub in (("base_model", cfg.base), ("judge", cfg.judge)):
+    for name, sub in (("base_model", cfg.base), (f"judge_v{cfg.judge.version}", cfg.judge)):
         src, meta = ASSETS / f"{name}.pt", ASSETS / f"{name}.json"
         if (cache / f"{name}.pt").exists() or not src.exists() or not meta.exists():
             continue
@@ -157,6 +169,26 @@ def restore_assets(cfg: TestbedConfig, cache: Path) -> None:
             log.info("using the committed %s (%s): its config matches", name, src)
         else:
             log.info("not using the committed %s: it was made with another config", name)
+
+
+def load_run_images(path: Path, grid: Path) -> torch.Tensor:
+    """A run's generated images (N, 3, H, W) in [-1, 1]: from its .npz, else from its sample grid
+    (runs made before images were stored; the grid holds them exactly, upscaled 3x nearest)."""
+    npz = path.with_suffix(".npz")
+    if npz.exists():
+        arr = np.load(npz)["images"]
+    elif grid.exists():
+        from PIL import Image
+
+        from accord_face.testbed.evaluate import context_prompts, target_prompts
+        from accord_face.testbed.world import SIZE
+        n = 3 * (len(target_prompts(("square", "white"))) + len(context_prompts(("square", "white"))))
+        g = np.asarray(Image.open(grid).convert("RGB"))
+        cw, ch = SIZE * 3, SIZE * 3 + 12
+        arr = np.stack([g[(k // 12) * ch:(k // 12) * ch + cw:3, (k % 12) * cw:(k % 12) * cw + cw:3] for k in range(n)])
+    else:
+        raise FileNotFoundError(f"{path}: no stored images ({npz.name} or {grid}) to re-judge; delete {path} to rerun it")
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def _labels(raw: dict, k: int) -> str:
