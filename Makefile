@@ -17,8 +17,26 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The whole flow on the embedded default (a few minutes on 2 CPU cores, offline):
+# public-domain portraits from installed packages -> shards (YuNet + SFace) ->
+# tiny encoder trained under the deepspeed launcher with ACCORD on -> exported
+# adapter -> zero-shot samples through stock diffusers. Rerunning resumes.
+DEMO := outputs/demo
+DEMO_STEPS ?= 40
+DEMO_PORT ?= 29731
 demo: $(STAMP)
-	$(PY) -m accord_face.cli demo --out outputs/demo
+	$(PY) -c "from data_pipelines.embedded import write_embedded_photos as w; w('$(DEMO)/photos')"
+	$(PY) scripts/prepare_shards.py --input $(DEMO)/photos --output $(DEMO)/shards --no-progress
+	$(VENV)/bin/deepspeed --num_gpus 1 --master_port $(DEMO_PORT) scripts/train_encoder.py --config configs/tiny.yaml \
+		shards=$(DEMO)/shards output_dir=$(DEMO)/train max_steps=$(DEMO_STEPS)
+	$(PY) -m accord_face.cli generate --adapter $(DEMO)/train/adapter --face $(DEMO)/photos/grace_hopper_orig.jpg \
+		--prompt "a photo of a person on a beach" --prompt "a photo of a person in a city street at night" \
+		--num-images 2 --out $(DEMO)/generate
+	@echo "[demo] shards:           $(DEMO)/shards (manifest.json, skipped.jsonl)"
+	@echo "[demo] training logs:    $(DEMO)/train/logs (tensorboard --logdir $(DEMO)/train/logs), $(DEMO)/train/metrics.jsonl"
+	@echo "[demo] validation grids: $(DEMO)/train/samples"
+	@echo "[demo] adapter:          $(DEMO)/train/adapter (pipe.load_ip_adapter(dir, subfolder='', weight_name='ip_adapter.safetensors', image_encoder_folder=None))"
+	@echo "[demo] zero-shot grid:   $(DEMO)/generate/grid.png"
 
 # LoRA path on the embedded default (tiny pipeline + synthetic references made at run time).
 .PHONY: demo-lora

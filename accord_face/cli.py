@@ -22,14 +22,14 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_smoke(args: argparse.Namespace) -> int:
     from .smoke import run_loss_smoke
     from .tiny import resolve_pretrained
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pretrained = resolve_pretrained(args.pretrained)
-    print(f"[demo] pipeline: {pretrained}")
+    print(f"[smoke] pipeline: {pretrained}")
 
     from diffusers import StableDiffusionPipeline
     import torch
@@ -38,11 +38,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     image = pipe("a photo of a person on a beach", num_inference_steps=4,
                  generator=torch.Generator().manual_seed(0)).images[0]
     image.save(out / "sample.png")
-    print(f"[demo] sample image: {out / 'sample.png'}")
+    print(f"[smoke] sample image: {out / 'sample.png'}")
 
     result = run_loss_smoke(pretrained)
     (out / "loss_smoke.json").write_text(json.dumps(result, indent=2))
-    print(f"[demo] ACCORD loss smoke: DDLoss {result['dd_loss']:.4g} (mean Delta_t {result['delta_mean']:.4g}), "
+    print(f"[smoke] ACCORD loss smoke: DDLoss {result['dd_loss']:.4g} (mean Delta_t {result['delta_mean']:.4g}), "
           f"PDLoss {result.get('pd_loss', float('nan')):.4g} -> {out / 'loss_smoke.json'}")
     return 0
 
@@ -123,10 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_build_tiny)
 
-    p = sub.add_parser("demo", help="run the embedded-default flow end to end")
-    p.add_argument("--out", default="outputs/demo")
+    p = sub.add_parser("smoke", help="training-free check: load a pipeline, sample once, evaluate both ACCORD "
+                       "losses on real UNet outputs (the full demo flow is `make demo`)")
+    p.add_argument("--out", default="outputs/smoke")
     p.add_argument("--pretrained", default="embedded:tiny")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_smoke)
 
     p = sub.add_parser("generate", help="zero-shot generation with an exported adapter and reference photo(s)")
     p.add_argument("--adapter", required=True, help="exported adapter folder (OUTPUT/adapter)")
