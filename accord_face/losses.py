@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "denoising_target",
     "alphas_cumprod_at",
     "betas_at",
     "posterior_mean",
@@ -38,6 +39,22 @@ def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _timestep_index(timesteps: torch.Tensor | int, device: torch.device) -> torch.Tensor:
     t = torch.as_tensor(timesteps, device=device).long()
     return t.reshape(-1) if t.ndim == 0 else t
+
+
+def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict, by the scheduler's ``prediction_type``.
+
+    epsilon: noise;  v_prediction: v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0;  sample: x0.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"unsupported scheduler prediction_type {kind!r} "
+                     "(expected 'epsilon', 'v_prediction' or 'sample')")
 
 
 def alphas_cumprod_at(scheduler, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

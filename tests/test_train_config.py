@@ -81,3 +81,9 @@ def test_script_reports_config_error_before_training(shards, tmp_path):
     assert proc.returncode == 2
     assert "embedding size mismatch" in proc.stderr
     assert not out.exists()  # nothing was started
+
+
+def test_logging_interval_must_be_positive():
+    with pytest.raises(ConfigError, match="logging.every_n_steps"):
+        load_config(TrainConfig, ROOT / "configs" / "tiny.yaml", ["logging.every_n_steps=0"])
+    assert load_config(TrainConfig, ROOT / "configs" / "tiny.yaml", ["checkpoint.every_n_steps=0"]).checkpoint.every_n_steps == 0

@@ -35,16 +35,6 @@ class Batch:
     class_timesteps: torch.Tensor | None = None
 
 
-def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet regresses: epsilon or v (from the scheduler's prediction_type)."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)
-    raise ValueError(f"unsupported prediction_type {kind!r} for LoRA training (epsilon or v_prediction)")
-
-
 def dd_lambda(cfg: AccordConfig, step: int) -> float:
     """lambda_dd with the linear warm-up; 0 on steps DDLoss skips (``every``)."""
     if cfg.lambda_dd == 0 or step % cfg.every:
@@ -98,7 +88,7 @@ def loss_terms(models: LoraModels, batch: Batch, cfg: LoraTrainConfig, step: int
     x_t = sched.add_noise(latents, noise, t)                                    # (B', 4, h, w)
     cond = encode_prompts(models, texts)                                        # (B', L, D)
     pred = _unet(models, x_t, t, cond, train=True).float()                     # (B', 4, h, w)
-    target = denoising_target(sched, latents, noise, t).float()
+    target = losses.denoising_target(sched, latents, noise, t).float()
 
     terms: dict[str, torch.Tensor] = {"mse": F.mse_loss(pred[:n_inst], target[:n_inst])}
     total = terms["mse"]

@@ -103,8 +103,13 @@ class DeepSpeedSection:
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = field(500, help="save a DeepSpeed checkpoint + exported adapter every n steps (and at the end)")
+    every_n_steps: int = field(500, help="save a DeepSpeed checkpoint + exported adapter every n steps (and at the "
+                                         "end); 0 = only at the end")
     keep_last: int = field(2, help="complete checkpoints kept (older ones deleted); 0 = keep all")
+
+    def validate(self):
+        if self.every_n_steps < 0 or self.keep_last < 0:
+            raise ValueError("checkpoint.every_n_steps and checkpoint.keep_last must be >= 0")
 
 
 @dataclass
@@ -112,6 +117,10 @@ class LoggingConfig:
     every_n_steps: int = field(10, help="TensorBoard scalars every n steps")
     tensorboard: bool = field(True, help="write TensorBoard events to OUTPUT/logs")
     progress: bool = field(True, help="tqdm progress bar on rank 0")
+
+    def validate(self):
+        if self.every_n_steps < 1:
+            raise ValueError("logging.every_n_steps must be >= 1")
 
 
 @dataclass

@@ -307,7 +307,8 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{stats['loss']:.4f}", dd=f"{stats['dd']:.3g}", pd=f"{stats['pd']:.3g}",
                             sps=f"{stats['samples_per_s']:.1f}")
             bar.update(1)
-        if step % cfg.checkpoint.every_n_steps == 0 or step == cfg.max_steps:
+        ck_every = cfg.checkpoint.every_n_steps  # 0 = only at the end
+        if (ck_every and step % ck_every == 0) or step == cfg.max_steps:
             _save(engine, cfg, parts, info, out, step, stream)
         v_every = cfg.validation.every_n_steps
         if (v_every and step % v_every == 0) or step == cfg.max_steps:

@@ -25,7 +25,7 @@ from .. import losses
 from .config import TrainConfig
 from .models import PD_MAPPINGS, FrozenParts, clip_text_features, encode_text, sdxl_time_ids
 
-__all__ = ["StepBatch", "sample_generator", "prepare_batch", "compute_losses", "loss_target", "lambda_scale"]
+__all__ = ["StepBatch", "sample_generator", "prepare_batch", "compute_losses", "lambda_scale"]
 
 
 def sample_generator(seed: int, step: int, key: str) -> torch.Generator:
@@ -93,18 +93,6 @@ def prepare_batch(batch: dict, parts: FrozenParts, cfg: TrainConfig, step: int, 
                      pooled=pooled, pooled_empty=pooled_empty, time_ids=time_ids)
 
 
-def loss_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet is trained to predict, by the scheduler's prediction type."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
-    if kind == "sample":
-        return x0
-    raise ValueError(f"unsupported prediction_type {kind!r}")
-
-
 def lambda_scale(step: int, warmup_steps: int) -> float:
     """Linear lambda warm-up: 0 at step 0, 1 from ``warmup_steps`` on (step counts from 1)."""
     return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
@@ -146,7 +134,7 @@ def compute_losses(model: Callable, sb: StepBatch, parts: FrozenParts, cfg: Trai
     ref = ref or model
     sched = parts.scheduler
     pred, tokens = model(sb.noisy, sb.timesteps, sb.text, sb.id_embeds, sb.added())    # (B,C,h,w), (B,K,cad)
-    target = loss_target(sched, sb.x0, sb.noise, sb.timesteps)
+    target = losses.denoising_target(sched, sb.x0, sb.noise, sb.timesteps)
     mse = F.mse_loss(pred.float(), target.float())
     warm = lambda_scale(step, L.lambda_warmup_steps)
     lam_dd, lam_pd = L.lambda_dd * warm, L.lambda_pd * warm
