@@ -176,3 +176,18 @@ def test_losses_module_imports_nothing_from_package():
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             assert node.level == 0 and not (node.module or "").startswith("accord_face")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_denoising_target_by_prediction_type(prediction_type):
+    sched = make_scheduler(prediction_type)
+    x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 400, 999])
+    abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = {"epsilon": noise, "sample": x0,
+                "v_prediction": abar.sqrt() * noise - (1 - abar).sqrt() * x0}[prediction_type]
+    torch.testing.assert_close(losses.denoising_target(sched, x0, noise, t), expected)
+    # The target and posterior_mean agree: feeding the true target back recovers the true posterior mean.
+    x_t = sched.add_noise(x0, noise, t)
+    from_target = losses.posterior_mean(sched, x_t, losses.denoising_target(sched, x0, noise, t), t)
+    from_x0 = losses.posterior_mean(make_scheduler("sample"), x_t, x0, t)
+    torch.testing.assert_close(from_target, from_x0, rtol=1e-4, atol=1e-4)
