@@ -35,13 +35,13 @@ def _fmt(e: dict) -> str:
 def write_table(results: dict, path: Path) -> str:
     """Markdown table, one row per arm."""
     lines = ["| arm | lambda_DD | achieved lambda·L_DD/L_base | target fidelity | coupling rate | text alignment "
-             "| context prompt alone | runs (images) |", "|---|---|---|---|---|---|---|---|"]
+             "| context prompt alone | context prompt -> target leak | runs (images) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, e in results["arms"].items():
         lam = ", ".join(f"{x:.3g}" for x in e["lambda_dd"])
         ratios = [r for r in e["ratio_achieved"] if r is not None]
         ratio = f"{np.mean(ratios):.3f}" if ratios else "-"
         lines.append(f"| {name} | {lam} | {ratio} | {_fmt(e['target_fidelity'])} | {_fmt(e['coupling_rate'])} | "
-                     f"{_fmt(e['text_alignment'])} | {_fmt(e['context_alone'])} | "
+                     f"{_fmt(e['text_alignment'])} | {_fmt(e['context_alone'])} | {_fmt(e['context_target_leak'])} | "
                      f"{e['target_fidelity']['n']} ({e['n_images']}) |")
     lines += ["", "Delta_t (the per-sample DDLoss quantity) by timestep quartile, mean over runs, "
               "first -> last 20 % of fine-tuning steps:", "",

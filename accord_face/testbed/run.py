@@ -63,7 +63,7 @@ def run_testbed(cfg: TestbedConfig) -> dict:
     judge, judge_report = train_judge(cfg.judge, cache)
     log.info("judge held-out accuracy: %s", judge_report)
     judge_id = f"v{cfg.judge.version}"
-    base_acc = cached_json(out / "base_prompt_accuracy.json", lambda: prompt_accuracy(
+    base_acc = cached_json(out / f"base_prompt_accuracy_judge_{judge_id}.json", lambda: prompt_accuracy(
         base, judge, 96, 777, ev.sample_steps, ev.guidance, cfg.judge.threshold))
     log.info("base-model prompt accuracy: %s", base_acc)
 
@@ -137,7 +137,7 @@ def run_testbed(cfg: TestbedConfig) -> dict:
             for a in ["base"] + names:
                 runs.setdefault(a, []).append(one_run(a, r, seed))
 
-    results = {"config": to_dict(cfg), "judge_accuracy": judge_report, "base_prompt_accuracy": base_acc,
+    results = {"config": to_dict(cfg), "judge": judge_id, "judge_accuracy": judge_report, "base_prompt_accuracy": base_acc,
                "calibration": calib, "arms": {}}
     for a, rs in runs.items():
         entry = {m: summarize([x["metrics"][m] for x in rs]) for m in METRICS}
