@@ -70,8 +70,10 @@ def write_plot(results: dict, path: Path) -> None:
     for name, e in results["arms"].items():
         for ax, (mx, my) in ((a1, ("coupling_rate", "target_fidelity")), (a2, ("context_alone", "text_alignment"))):
             x, y = e[mx], e[my]
-            ax.errorbar(x["mean"], y["mean"], xerr=np.nan_to_num(x["ci95"]), yerr=np.nan_to_num(y["ci95"]),
-                        fmt="o", capsize=3)
+            # bars span the per-run values: with 2-3 runs a t-interval is wider than the whole axis
+            xerr = [[max(0.0, x["mean"] - min(x["per_run"]))], [max(0.0, max(x["per_run"]) - x["mean"])]]
+            yerr = [[max(0.0, y["mean"] - min(y["per_run"]))], [max(0.0, max(y["per_run"]) - y["mean"])]]
+            ax.errorbar(x["mean"], y["mean"], xerr=xerr, yerr=yerr, fmt="o", capsize=3, alpha=0.8)
             ax.annotate(name, (x["mean"], y["mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     a1.set_xlabel("coupling rate (context object present, not asked)  lower = better")
     a1.set_ylabel("target fidelity (target present)")
@@ -79,7 +81,7 @@ def write_plot(results: dict, path: Path) -> None:
     a2.set_ylabel("text alignment on target prompts")
     for ax in (a1, a2):
         ax.set_xlim(-0.05, 1.05), ax.set_ylim(-0.05, 1.05), ax.grid(alpha=0.3)
-    fig.suptitle("ACCORD coupling testbed (mean ± CI95 over runs)")
+    fig.suptitle("ACCORD coupling testbed: mean over runs, bars = range of the per-run values")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
