@@ -104,7 +104,9 @@ def read_metadata(folder: Path) -> dict[str, dict]:
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # Hidden files are skipped: temporary files of an atomic write (".x.png.tmp.png") are not references.
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def build_references(folder: str | Path, cfg: DataConfig) -> list[Reference]:

@@ -75,6 +75,21 @@ def make_batch(models: LoraModels, refset: ReferenceSet, class_paths, cfg: LoraT
     return batch
 
 
+def barrier(accelerator) -> None:
+    """Wait for every process.
+
+    ``accelerator.wait_for_everyone()`` alone is not enough: on CPU, accelerate reports
+    DistributedType.NO for a gloo group and its barrier is then a no-op, which let rank 1 read
+    the reference folder while rank 0 was still writing it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    else:
+        accelerator.wait_for_everyone()
+
+
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """Mean of the gradients over all processes, as one flat all-reduce (no-op for a single process).
 
@@ -141,7 +156,7 @@ def train_lora(cfg: LoraTrainConfig, log=None) -> dict:
         from ..tiny import resolve_pretrained
 
         resolve_pretrained(cfg.pretrained_model)
-    accelerator.wait_for_everyone()
+    barrier(accelerator)
     models = load_models(cfg, accelerator.device)
     resolution = cfg.resolution or models.unet.config.sample_size * vae_scale(models)
     cfg = dataclasses.replace(cfg, resolution=resolution)
@@ -150,7 +165,7 @@ def train_lora(cfg: LoraTrainConfig, log=None) -> dict:
     log(f"[lora] base model {cfg.pretrained_model} -> {models.pretrained}; resolution {resolution}; "
         f"{accelerator.num_processes} process(es) on {accelerator.device}")
     refs = prepare_references(cfg, out, resolution, log) if main else None
-    accelerator.wait_for_everyone()
+    barrier(accelerator)
     if not main:
         refs = prepare_references(cfg, out, resolution, log)
     refset = ReferenceSet(refs, resolution, cfg.data, cfg.seed)
@@ -161,7 +176,7 @@ def train_lora(cfg: LoraTrainConfig, log=None) -> dict:
         if main:
             ensure_class_images(models, class_dir, cfg.prior.class_prompt, cfg.prior.num_images,
                                 cfg.prior.inference_steps, cfg.seed, log)
-        accelerator.wait_for_everyone()
+        barrier(accelerator)
         class_paths = [class_dir / f"class-{i:04d}.png" for i in range(cfg.prior.num_images)]
 
     groups = trainable_parameters(models, cfg.learning_rate, cfg.textual_inversion.learning_rate, cfg.weight_decay)
@@ -213,11 +228,11 @@ def train_lora(cfg: LoraTrainConfig, log=None) -> dict:
             export_lora(models, out / "lora")
         if main and ((cfg.validation.every and done % cfg.validation.every == 0) or done == cfg.max_steps):
             grid = validation_grid(models, cfg, out / "validation" / f"step-{done:06d}.png")
-        accelerator.wait_for_everyone()
+        barrier(accelerator)
 
     if main and not (out / "lora").is_dir():  # resumed a finished run: export what the checkpoint holds
         export_lora(models, out / "lora")
-    accelerator.wait_for_everyone()
+    barrier(accelerator)
     log(f"[lora] LoRA weights: {out / 'lora'}" + (f"; validation grid: {grid}" if grid else ""))
     return {"output_dir": str(out), "lora_dir": str(out / "lora"), "grid": str(grid) if grid else None,
             "last": last, "start_step": start, "models": models}
