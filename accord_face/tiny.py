@@ -258,3 +258,41 @@ def projection_model_path(pretrained: str) -> str | None:
     """The CLIP projection model saved beside an embedded pipeline, if there is one."""
     candidate = Path(pretrained) / PROJECTION_SUBFOLDER
     return str(candidate) if (candidate / "config.json").is_file() else None
+
+
+def save_sdxl_pipeline(folder: str | os.PathLike, text_hidden: tuple[int, int] = (32, 32), pooled_dim: int = 32,
+                       seed: int = 0) -> Path:
+    """Save a tiny SDXL-shaped ``StableDiffusionXLPipeline`` (64 px, 8x8 latents) for tests of the SDXL paths.
+
+    Two text encoders of hidden sizes ``text_hidden`` (cross-attention = their sum), the second with a
+    projection to ``pooled_dim`` (the pooled text embeds), text-time conditioning as in SDXL.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tok = make_tokenizer()
+    n = len(tok)
+
+    def text_config(hidden: int, projection: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=n, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+                              num_attention_heads=4, projection_dim=projection, bos_token_id=n - 2,
+                              eos_token_id=n - 1, pad_token_id=n - 1, max_position_embeddings=77)
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + pooled_dim,
+        cross_attention_dim=sum(text_hidden), norm_num_groups=1)
+    vae = AutoencoderKL(block_out_channels=(8, 16, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=8, sample_size=64)
+    pipe = StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=CLIPTextModel(text_config(text_hidden[0], text_hidden[0])),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(text_hidden[1], pooled_dim)),
+        tokenizer=tok, tokenizer_2=tok,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
+    folder = Path(folder)
+    pipe.save_pretrained(folder)
+    return folder

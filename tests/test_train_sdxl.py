@@ -20,32 +20,9 @@ from shards_util import write_shards
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory):
     """Text encoders of hidden 16 and 32 (cross-attention 48), text-time conditioning, 64 px."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from accord_face.tiny import save_sdxl_pipeline
 
-    from accord_face.tiny import make_tokenizer
-
-    tok = make_tokenizer()
-    n = len(tok)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 24, cross_attention_dim=48,
-        norm_num_groups=1)
-    vae = AutoencoderKL(block_out_channels=(8, 16, 16, 16), latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=64)
-    te = lambda h, p: CLIPTextConfig(vocab_size=n, hidden_size=h, intermediate_size=37, num_hidden_layers=2,
-                                     num_attention_heads=4, projection_dim=p, bos_token_id=n - 2, eos_token_id=n - 1,
-                                     pad_token_id=n - 1, max_position_embeddings=77)
-    pipe = StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=CLIPTextModel(te(16, 16)),
-                                     text_encoder_2=CLIPTextModelWithProjection(te(32, 24)), tokenizer=tok,
-                                     tokenizer_2=tok, scheduler=EulerDiscreteScheduler(
-                                         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
-    folder = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"
-    pipe.save_pretrained(folder)
-    return str(folder)
+    return str(save_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", text_hidden=(16, 32), pooled_dim=24))
 
 
 def test_sdxl_step_and_export_match_stock_pipeline(sdxl_dir, tmp_path):
