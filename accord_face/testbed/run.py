@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: reference sets may run in parallel
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
@@ -165,7 +165,9 @@ def restore_assets(cfg: TestbedConfig, cache: Path) -> None:
             continue
         if json.loads(meta.read_text()) == to_dict(sub):
             cache.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, cache / f"{name}.pt")
+            tmp = cache / f"{name}.pt.{os.getpid()}.tmp"  # atomic: parallel processes may restore at once
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, cache / f"{name}.pt")
             log.info("using the committed %s (%s): its config matches", name, src)
         else:
             log.info("not using the committed %s: it was made with another config", name)
