@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from accord_face.pipeline import FaceIDGenerator
 from test_pipeline_helpers import as_array, export_test_adapter, grace_hopper

@@ -17,7 +17,7 @@ from accord_face.testbed.evaluate import context_prompts, score_target_images, s
 from accord_face.testbed.judge import Judge, accuracy, augment, judge_batch, judge_loss
 from accord_face.testbed.model import T2I, WORDS, build_scheduler, sample, tokenize
 from accord_face.testbed.world import (BACKGROUNDS, BG_NAMES, OBJECT_COLOURS, SHAPES, TARGET_COLOUR, Obj, Scene,
-                                       place, random_scene, render, scene_caption)
+                                       random_scene, render, scene_caption)
 
 
 def test_render_ground_truth_pixels_and_labels():
