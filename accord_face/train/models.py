@@ -14,7 +14,7 @@ are computed in fp32 (step.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,7 +27,8 @@ from ..tiny import projection_model_path, resolve_pretrained
 from .config import TrainConfig
 
 __all__ = ["IdentityAdapterModel", "FrozenParts", "load_frozen_parts", "build_model", "compute_dtype",
-           "encode_text", "PD_MAPPINGS", "resolve_clip_model", "reference_fn"]
+           "encode_text", "encode_text_with_features", "link_pd_text_features", "superclass_features",
+           "PD_MAPPINGS", "resolve_clip_model", "reference_fn"]
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -97,6 +98,10 @@ class FrozenParts:
     scheduler: Any
     clip: Optional[nn.Module] = None      # CLIPTextModelWithProjection for PDLoss
     clip_tokenizer: Any = None
+    # True when the conditioning text forward already yields PDLoss's caption features f_g
+    # (SD1.5: ``clip`` shares the text tower; SDXL: ``clip`` is text_encoder_2): no second CLIP pass.
+    pd_from_conditioning: bool = False
+    feature_cache: dict = field(default_factory=dict)   # {(prompt, device): f (P,)}: superclass features
 
 
 def _check_tokenizer(tok, where: str):
@@ -142,8 +147,47 @@ def load_frozen_parts(cfg: TrainConfig, device: torch.device, dtype: torch.dtype
         m.requires_grad_(False).eval().to(device=device, dtype=dtype)
     if dtype == torch.float16:
         vae.to(torch.float32)  # SD's VAE overflows in fp16
-    return FrozenParts(path=path, is_sdxl=is_sdxl, vae=vae, tokenizers=tokenizers, text_encoders=text_encoders,
-                       scheduler=scheduler, clip=clip, clip_tokenizer=clip_tok)
+    return link_pd_text_features(FrozenParts(path=path, is_sdxl=is_sdxl, vae=vae, tokenizers=tokenizers,
+                                             text_encoders=text_encoders, scheduler=scheduler, clip=clip,
+                                             clip_tokenizer=clip_tok))
+
+
+def _same_tokenizer(a, b) -> bool:
+    probe = ["a photo of a person", "A Woman, wearing 2 red hats!"]
+    return (a is b) or (a.model_max_length == b.model_max_length and a.pad_token_id == b.pad_token_id
+                        and a.get_vocab() == b.get_vocab() and a(probe).input_ids == b(probe).input_ids)
+
+
+_TOWER_CONFIG = ("hidden_act", "layer_norm_eps", "eos_token_id", "num_attention_heads", "max_position_embeddings")
+
+
+def _same_text_tower(a: nn.Module, b: nn.Module) -> bool:
+    """Same architecture settings (pooling: eos_token_id) and bit-identical weights."""
+    if any(getattr(a.config, k, None) != getattr(b.config, k, None) for k in _TOWER_CONFIG):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k]))
+                                          for k in sa)
+
+
+def link_pd_text_features(parts: FrozenParts) -> FrozenParts:
+    """Let PDLoss read f_g from the conditioning forward instead of a second CLIP pass (in place).
+
+    SDXL with ``clip`` = text_encoder_2: f_g is that forward's ``text_embeds`` already. SD1.5: when the
+    PDLoss CLIP's text tower equals the conditioning text encoder (same weights and tokenizer, as for
+    SD1.5 + openai/clip-vit-large-patch14 and the embedded pipelines), f_g = text_projection(pooled
+    output) of the conditioning forward, and ``clip`` reuses the encoder's tower (one copy in memory).
+    """
+    if parts.clip is None:
+        return parts
+    if parts.is_sdxl:
+        parts.pd_from_conditioning = parts.clip is parts.text_encoders[-1]
+        return parts
+    enc = parts.text_encoders[0]                            # CLIPTextModel; clip.text_model is one too
+    if _same_tokenizer(parts.clip_tokenizer, parts.tokenizers[0]) and _same_text_tower(parts.clip.text_model, enc):
+        parts.clip.text_model = enc
+        parts.pd_from_conditioning = True
+    return parts
 
 
 def build_model(cfg: TrainConfig, parts: FrozenParts) -> IdentityAdapterModel:
@@ -161,18 +205,32 @@ def build_model(cfg: TrainConfig, parts: FrozenParts) -> IdentityAdapterModel:
 @torch.no_grad()
 def encode_text(parts: FrozenParts, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Prompts -> (hidden states (B, L, cad), pooled (B, P) for SDXL else None), as the SD/SDXL pipelines do."""
-    hidden, pooled = [], None
+    hidden, pooled, _ = encode_text_with_features(parts, prompts, device)
+    return hidden, pooled
+
+
+@torch.no_grad()
+def encode_text_with_features(parts: FrozenParts, prompts: list[str], device: torch.device
+                              ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """As ``encode_text``, plus PDLoss's CLIP joint-space features (B, P) of the prompts from the same
+    forward when ``parts.pd_from_conditioning`` (else None): equal to ``clip_text_features(parts, prompts)``."""
+    hidden, pooled, features = [], None, None
     for tok, enc in zip(parts.tokenizers, parts.text_encoders):
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(device)
         if not parts.is_sdxl:
-            hidden.append(enc(ids)[0])
+            out = enc(ids)
+            hidden.append(out.last_hidden_state)
+            if parts.pd_from_conditioning:                   # CLIPTextModelWithProjection's own text_embeds
+                features = parts.clip.text_projection(out.pooler_output).float()
             continue
         out = enc(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2])                 # SDXL uses the penultimate layer
         if hasattr(out, "text_embeds"):
             pooled = out.text_embeds                         # (B, 1280) from text_encoder_2
-    return torch.cat(hidden, dim=-1), pooled
+    if parts.is_sdxl and parts.pd_from_conditioning:
+        features = pooled.float()
+    return torch.cat(hidden, dim=-1), pooled, features
 
 
 def sdxl_time_ids(batch: int, resolution: int, device: torch.device) -> torch.Tensor:
@@ -188,6 +246,14 @@ def clip_text_features(parts: FrozenParts, prompts: list[str], device: torch.dev
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids.to(device)
     return parts.clip(ids).text_embeds.float()
+
+
+def superclass_features(parts: FrozenParts, prompt: str, device: torch.device) -> torch.Tensor:
+    """f_s (P,) of the superclass prompt, computed once per (prompt, device) and cached on ``parts``."""
+    key = (prompt, str(device))
+    if key not in parts.feature_cache:
+        parts.feature_cache[key] = clip_text_features(parts, [prompt], device)[0]
+    return parts.feature_cache[key]
 
 
 def _text_projection_mean(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

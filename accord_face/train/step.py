@@ -3,7 +3,7 @@
     batch -> latents (VAE) -> per-sample noise, t, condition dropout
           -> joint forward (grad)              -> base MSE (fp32)         [loss "mse"]
           -> one batched no-grad forward of (p, g, 0) on the DD subset   [loss "dd", Delta_t]
-          -> f_p from the joint forward's identity tokens, f_s, f_g      [loss "pd", cosine gap]
+          -> f_p from the joint forward's identity tokens, f_s (cached), f_g from the text forward above [loss "pd"]
 
 Randomness (noise, t, dropout, DDLoss draws) comes from a generator seeded by
 (seed, step, sample key), so a sample gets the same draws whatever rank or
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from .. import losses
 from .config import TrainConfig
-from .models import PD_MAPPINGS, FrozenParts, clip_text_features, encode_text, sdxl_time_ids
+from .models import PD_MAPPINGS, FrozenParts, clip_text_features, encode_text_with_features, sdxl_time_ids, \
+    superclass_features
 
 __all__ = ["StepBatch", "sample_generator", "prepare_batch", "compute_losses", "lambda_scale"]
 
@@ -52,6 +53,8 @@ class StepBatch:
     pooled: Optional[torch.Tensor] = None        # SDXL (B, P) after dropout
     pooled_empty: Optional[torch.Tensor] = None  # SDXL (1, P)
     time_ids: Optional[torch.Tensor] = None      # SDXL (B, 6)
+    text_features: Optional[torch.Tensor] = None  # (B, P) CLIP joint-space features of the kept captions, fp32,
+    #                                               from the conditioning forward (PDLoss f_g; None: second pass)
 
     def added(self, idx: Optional[torch.Tensor] = None, pooled: Optional[torch.Tensor] = None) -> Optional[dict]:
         if self.time_ids is None:
@@ -81,8 +84,9 @@ def prepare_batch(batch: dict, parts: FrozenParts, cfg: TrainConfig, step: int, 
     noisy = parts.scheduler.add_noise(x0, noise, t)
 
     kept_captions = ["" if dc else c for c, dc in zip(captions, drop_cap.tolist())]
-    text, pooled = encode_text(parts, kept_captions + [""], device)
+    text, pooled, features = encode_text_with_features(parts, kept_captions + [""], device)
     text_empty, text = text[-1:], text[:-1]
+    features = features[:-1] if features is not None else None
     pooled_empty = pooled[-1:] if pooled is not None else None
     pooled = pooled[:-1] if pooled is not None else None
     ids = batch["face_embedding"].to(device=device, dtype=torch.float32)             # (B, D)
@@ -90,7 +94,7 @@ def prepare_batch(batch: dict, parts: FrozenParts, cfg: TrainConfig, step: int, 
     time_ids = sdxl_time_ids(len(keys), cfg.resolution, device) if parts.is_sdxl else None
     return StepBatch(keys=keys, captions=captions, x0=x0, noise=noise, timesteps=t, noisy=noisy, text=text,
                      text_empty=text_empty, id_embeds=ids, keep_both=~(drop_id | drop_cap), generators=gens,
-                     pooled=pooled, pooled_empty=pooled_empty, time_ids=time_ids)
+                     pooled=pooled, pooled_empty=pooled_empty, time_ids=time_ids, text_features=features)
 
 
 def lambda_scale(step: int, warmup_steps: int) -> float:
@@ -168,8 +172,11 @@ def compute_losses(model: Callable, sb: StepBatch, parts: FrozenParts, cfg: Trai
         keep = torch.nonzero(sb.keep_both).flatten()
         f_p = PD_MAPPINGS[L.pd_mapping](parts.clip, tokens[keep])                    # (n, P) with grad
         if f_s is None:
-            f_s = clip_text_features(parts, [L.superclass_prompt], sb.x0.device)[0]
-        f_g = clip_text_features(parts, [sb.captions[i] for i in keep.tolist()], sb.x0.device)  # (n, P)
+            f_s = superclass_features(parts, L.superclass_prompt, sb.x0.device)                 # (P,) cached
+        if sb.text_features is not None:    # kept rows hold their own caption: no second CLIP pass
+            f_g = sb.text_features[keep]                                                         # (n, P)
+        else:
+            f_g = clip_text_features(parts, [sb.captions[i] for i in keep.tolist()], sb.x0.device)
         pd = losses.prior_decouple_loss(f_p, f_s, f_g)
         out.update(pd=pd, cos_gap=losses.cosine_gap(f_p.detach(), f_s, f_g).flatten())
         total = total + lam_pd * pd
