@@ -27,7 +27,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ __all__ = [
     "WEIGHT_NAME", "CONFIG_NAME", "FORMAT", "install_ip_attention", "ip_attention_processors",
     "ip_attention_parameters", "set_ip_scale", "adapter_state_dict", "export_adapter", "load_adapter_config",
     "load_adapter_state_dict", "load_into_training", "identity_image_embeds", "per_sample_image_embeds",
+    "faceid_plus_clip_embeds", "set_faceid_plus_inputs",
 ]
 
 WEIGHT_NAME = "ip_adapter.safetensors"
@@ -131,12 +132,15 @@ image = pipe("a photo of a person", ip_adapter_image_embeds=identity_image_embed
 """
 
 
-def export_adapter(folder: str | Path, encoder: nn.Module, unet: nn.Module, config: dict[str, Any]) -> Path:
+def export_adapter(folder: str | Path, encoder: nn.Module, unet: nn.Module, config: dict[str, Any],
+                   extra: Optional[Callable[[Path], None]] = None) -> Path:
     """Write ``ip_adapter.safetensors`` + ``adapter_config.json`` + ``README.md`` into ``folder`` atomically.
 
     Everything is written into a temporary sibling folder, which then replaces
     ``folder``: a reader never sees a half-written adapter. ``config`` is the
     adapter_config.json content; "format" and "version" are filled in.
+    ``extra(tmp_folder)`` writes further files into the same atomic folder
+    (the identity LoRA's ``pytorch_lora_weights.safetensors``).
     """
     from safetensors.torch import save_file
 
@@ -152,6 +156,8 @@ def export_adapter(folder: str | Path, encoder: nn.Module, unet: nn.Module, conf
             recognizer=(info.get("recognizer") or {}).get("name"), id_embed_dim=info.get("id_embed_dim"),
             num_tokens=info.get("num_tokens"), losses=info.get("losses"), train_steps=info.get("train_steps"),
             weight_name=WEIGHT_NAME))
+        if extra is not None:
+            extra(tmp)
         old = folder.with_name(f".{folder.name}.old")
         if old.exists():
             shutil.rmtree(old)
@@ -231,3 +237,36 @@ def per_sample_image_embeds(id_embeds: torch.Tensor) -> list[torch.Tensor]:
     if id_embeds.ndim != 2:
         raise ValueError(f"id_embeds must be (B, D), got {tuple(id_embeds.shape)}")
     return [id_embeds[:, None, :]]
+
+
+def faceid_plus_clip_embeds(clip_embeds: torch.Tensor, null_embeds: torch.Tensor, batch: int,
+                            do_classifier_free_guidance: bool = True) -> torch.Tensor:
+    """ONE identity's CLIP face states -> the tensor a loaded FaceID-Plus layer reads as ``.clip_embeds``.
+
+    clip_embeds: (n, L, H) penultimate CLIP states of the n face crops; null_embeds: (1, L, H) of the
+    zero pixel tensor (the dropped identity, also the trainer's). ``batch`` = prompts x images per
+    prompt of the call (diffusers repeats ``ip_adapter_image_embeds`` that often but not this attribute).
+    Returns (2*batch, n, L, H) = cat([null] * batch, [clip] * batch), negative first, or (batch, n, L, H).
+    """
+    if clip_embeds.ndim != 3 or null_embeds.ndim != 3:
+        raise ValueError(f"clip_embeds must be (n, L, H) and null_embeds (1, L, H), got {tuple(clip_embeds.shape)} "
+                         f"and {tuple(null_embeds.shape)}")
+    pos = clip_embeds[None].expand(batch, -1, -1, -1)                  # (batch, n, L, H)
+    if not do_classifier_free_guidance:
+        return pos
+    neg = null_embeds.expand(clip_embeds.shape[0], -1, -1)[None].expand(batch, -1, -1, -1)
+    return torch.cat([neg, pos]).to(clip_embeds.dtype)
+
+
+def set_faceid_plus_inputs(unet: nn.Module, clip_embeds: torch.Tensor, shortcut: bool, s_scale: float = 1.0,
+                           index: int = 0) -> nn.Module:
+    """Drive diffusers' loaded ``IPAdapterFaceIDPlusImageProjection``: ``.clip_embeds``, ``.shortcut`` (V2), ``.shortcut_scale``."""
+    proj = getattr(unet, "encoder_hid_proj", None)
+    layers = getattr(proj, "image_projection_layers", None)
+    if layers is None or len(layers) <= index or not hasattr(layers[index], "clip_embeds"):
+        raise ValueError("the UNet has no loaded FaceID-Plus projection: call pipe.load_ip_adapter(...) with a "
+                         "FaceID-Plus adapter first")
+    layer = layers[index]
+    layer.clip_embeds = clip_embeds.to(device=next(layer.parameters()).device, dtype=next(layer.parameters()).dtype)
+    layer.shortcut, layer.shortcut_scale = bool(shortcut), float(s_scale)
+    return layer

@@ -43,9 +43,12 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
 class IdentityAdapterModel(nn.Module):
     """Frozen UNet with decoupled cross-attention + trainable identity encoder.
 
-    forward(noisy (B,C,h,w), t (B,), text (B,L,cad), id_embeds (B,D)) -> (pred (B,C,h,w), tokens (B,K,cad)).
-    The identity tokens reach the IP processors exactly as diffusers' pipeline
-    passes them: ``encoder_hidden_states=(text, [tokens])``.
+    forward(noisy (B,C,h,w), t (B,), text (B,L,cad), id_embeds (B,D) or (B,n,D), added_cond_kwargs,
+    clip_embeds (B,n,L,H) or None) -> (pred (B,C,h,w), tokens (B,n*K,cad)).
+    n photos per sample (Portrait) give n*K tokens, photo-major, as diffusers flattens
+    ``ip_adapter_image_embeds`` (B, n, D). FaceID-Plus members also take the CLIP hidden
+    states of the face crops. The identity tokens reach the IP processors exactly as
+    diffusers' pipeline passes them: ``encoder_hidden_states=(text, [tokens])``.
     """
 
     def __init__(self, unet: nn.Module, encoder: nn.Module, num_tokens: int, ip_scale: float = 1.0):
@@ -59,9 +62,16 @@ class IdentityAdapterModel(nn.Module):
         self.encoder = encoder
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor, id_embeds: torch.Tensor,
-                added_cond_kwargs: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                added_cond_kwargs: Optional[dict] = None, clip_embeds: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = next(self.encoder.parameters()).dtype
-        tokens = self.encoder(id_embeds.to(dtype))                      # (B, K, cad)
+        b = id_embeds.shape[0]
+        ids = id_embeds.reshape(-1, id_embeds.shape[-1]).to(dtype)      # (B*n, D)
+        if clip_embeds is None:
+            tokens = self.encoder(ids)                                  # (B*n, K, cad)
+        else:
+            tokens = self.encoder(ids, clip_embeds.reshape(-1, *clip_embeds.shape[-2:]).to(dtype))
+        tokens = tokens.reshape(b, -1, tokens.shape[-1])                # (B, n*K, cad)
         if added_cond_kwargs is not None:                               # SDXL pooled embeds / time ids
             added_cond_kwargs = {k: v.to(dtype) for k, v in added_cond_kwargs.items()}
         pred = self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=(text.to(dtype), [tokens]),
