@@ -1,8 +1,10 @@
 """One training step's loss assembly: base denoising loss + lambda_dd L_DD + lambda_pd L_PD.
 
     batch -> latents (VAE) -> per-sample noise, t, condition dropout
+          -> one batched no-grad forward of (p, g, 0) on the DD subset   (before the joint forward:
+                                                                            no stored activations yet)
           -> joint forward (grad)              -> base MSE (fp32)         [loss "mse"]
-          -> one batched no-grad forward of (p, g, 0) on the DD subset   [loss "dd", Delta_t]
+          -> Delta_t from the joint prediction and the three branches    [loss "dd"]
           -> f_p from the joint forward's identity tokens, f_s (cached), f_g from the text forward above [loss "pd"]
 
 Randomness (noise, t, dropout, DDLoss draws) comes from a generator seeded by
@@ -55,6 +57,14 @@ class StepBatch:
     time_ids: Optional[torch.Tensor] = None      # SDXL (B, 6)
     text_features: Optional[torch.Tensor] = None  # (B, P) CLIP joint-space features of the kept captions, fp32,
     #                                               from the conditioning forward (PDLoss f_g; None: second pass)
+    clip: Optional[torch.Tensor] = None          # FaceID-Plus (B, n, L, H) CLIP face states after dropout
+    clip_null: Optional[torch.Tensor] = None     # FaceID-Plus (1, 1, L, H): dropped identity = CLIP(zero pixels)
+
+    def identity(self, idx: Optional[torch.Tensor] = None) -> dict:
+        """Extra identity inputs of the model call: {"clip_embeds": (m, n, L, H)} for FaceID-Plus, else {}."""
+        if self.clip is None:
+            return {}
+        return {"clip_embeds": self.clip if idx is None else self.clip[idx]}
 
     def added(self, idx: Optional[torch.Tensor] = None, pooled: Optional[torch.Tensor] = None) -> Optional[dict]:
         if self.time_ids is None:
@@ -90,11 +100,21 @@ def prepare_batch(batch: dict, parts: FrozenParts, cfg: TrainConfig, step: int, 
     pooled_empty = pooled[-1:] if pooled is not None else None
     pooled = pooled[:-1] if pooled is not None else None
     ids = batch["face_embedding"].to(device=device, dtype=torch.float32)             # (B, D)
-    ids = torch.where(drop_id[:, None], torch.zeros_like(ids), ids)
+    if getattr(parts, "identity_bank", None) is not None:                             # Portrait: (B, n, D)
+        ids = parts.identity_bank.draw(keys, batch["meta"], ids, cfg.seed, step).to(device)
+    ids = torch.where(drop_id.view(-1, *[1] * (ids.ndim - 1)), torch.zeros_like(ids), ids)
+    clip = clip_null = None
+    if getattr(parts, "image_encoder", None) is not None:                             # FaceID-Plus
+        crops = batch["face_pixels"].to(device)                                       # (B, [n,] 3, S, S) uint8
+        states = parts.image_encoder(crops.reshape(-1, *crops.shape[-3:])).float()    # (B*n, L, H)
+        clip = states.reshape(len(keys), -1, *states.shape[-2:])                      # (B, n, L, H)
+        clip_null = parts.image_encoder.null_embeds().float()[None]                   # (1, 1, L, H)
+        clip = torch.where(drop_id.view(-1, 1, 1, 1), clip_null, clip)                # dropped: CLIP(zero pixels)
     time_ids = sdxl_time_ids(len(keys), cfg.resolution, device) if parts.is_sdxl else None
     return StepBatch(keys=keys, captions=captions, x0=x0, noise=noise, timesteps=t, noisy=noisy, text=text,
                      text_empty=text_empty, id_embeds=ids, keep_both=~(drop_id | drop_cap), generators=gens,
-                     pooled=pooled, pooled_empty=pooled_empty, time_ids=time_ids, text_features=features)
+                     pooled=pooled, pooled_empty=pooled_empty, time_ids=time_ids, text_features=features,
+                     clip=clip, clip_null=clip_null)
 
 
 def lambda_scale(step: int, warmup_steps: int) -> float:
@@ -111,7 +131,11 @@ def _dd_subset(sb: StepBatch, fraction: float) -> torch.Tensor:
 
 def _dd_branches(sb: StepBatch, idx: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, ref: Callable,
                  added_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ONE batched no-grad forward of (identity only, caption only, neither) for the DD subset."""
+    """ONE batched no-grad forward of (identity only, caption only, neither) for the DD subset.
+
+    The identity-free branches get the dropped identity of training: zero embedding and, for
+    FaceID-Plus, the CLIP states of the zero pixel tensor (``sb.clip_null``).
+    """
     m = len(idx)
     text = torch.cat([sb.text_empty.expand(m, -1, -1), sb.text[idx], sb.text_empty.expand(m, -1, -1)])
     ids = torch.cat([sb.id_embeds[idx], torch.zeros_like(sb.id_embeds[idx]), torch.zeros_like(sb.id_embeds[idx])])
@@ -121,7 +145,11 @@ def _dd_branches(sb: StepBatch, idx: torch.Tensor, noisy: torch.Tensor, t: torch
         added = {"text_embeds": torch.cat([pe, sb.pooled[added_idx], pe]),
                  "time_ids": sb.time_ids[added_idx].repeat(3, 1)}
     with torch.no_grad():
-        pred, _ = ref(noisy.repeat(3, 1, 1, 1), t.repeat(3), text, ids, added)        # (3m, C, h, w)
+        extra = {}
+        if sb.clip is not None:
+            null = sb.clip_null.expand(m, sb.clip.shape[1], -1, -1)
+            extra = {"clip_embeds": torch.cat([sb.clip[idx], null, null])}              # (3m, n, L, H)
+        pred, _ = ref(noisy.repeat(3, 1, 1, 1), t.repeat(3), text, ids, added, **extra)  # (3m, C, h, w)
     return pred.float().chunk(3)
 
 
@@ -137,21 +165,17 @@ def compute_losses(model: Callable, sb: StepBatch, parts: FrozenParts, cfg: Trai
     L = cfg.losses
     ref = ref or model
     sched = parts.scheduler
-    pred, tokens = model(sb.noisy, sb.timesteps, sb.text, sb.id_embeds, sb.added())    # (B,C,h,w), (B,K,cad)
-    target = losses.denoising_target(sched, sb.x0, sb.noise, sb.timesteps)
-    mse = F.mse_loss(pred.float(), target.float())
     warm = lambda_scale(step, L.lambda_warmup_steps)
     lam_dd, lam_pd = L.lambda_dd * warm, L.lambda_pd * warm
-    zero = mse.new_zeros(())
-    out = {"mse": mse, "dd": zero, "pd": zero, "lambda_dd": torch.tensor(lam_dd), "lambda_pd": torch.tensor(lam_pd),
-           "delta": zero.new_zeros(0), "dd_timesteps": sb.timesteps.new_zeros(0), "cos_gap": zero.new_zeros(0)}
-    total = mse
 
+    # DDLoss inputs and its three no-grad branches come first: they do not depend on the joint
+    # forward, and run while no activations are stored, so they add no peak memory.
     idx = _dd_subset(sb, L.dd_batch_fraction)
+    dd_inputs = None
     if L.lambda_dd > 0 and step % L.dd_every_n_steps == 0 and len(idx):
         if L.dd_timesteps == "shared":
-            # Reuse the joint prediction of the main forward (DESIGN 3): no extra grad forward.
-            noisy, t, joint, src = sb.noisy[idx], sb.timesteps[idx], pred[idx], idx
+            # The joint prediction is the main forward's own (DESIGN 3): no extra grad forward.
+            src, noisy, t = idx, sb.noisy[idx], sb.timesteps[idx]
         else:
             k = L.dd_k if L.dd_timesteps == "k_per_sample" else 1
             src = idx.repeat_interleave(k)                                           # (M,) M = k*m
@@ -162,8 +186,23 @@ def compute_losses(model: Callable, sb: StepBatch, parts: FrozenParts, cfg: Trai
             t = ((torch.arange(len(src)) + u) * T / len(src)).long().clamp(max=T - 1).to(sb.timesteps.device)
             eps = torch.stack([torch.randn(sb.x0.shape[1:], generator=g) for g in gens]).to(sb.x0.device)
             noisy = sched.add_noise(sb.x0[src], eps, t)
-            joint, _ = model(noisy, t, sb.text[src], sb.id_embeds[src], sb.added(src))
-        p, g, n = _dd_branches(sb, src, noisy, t, ref, src)
+        dd_inputs = (src, noisy, t, _dd_branches(sb, src, noisy, t, ref, src))
+
+    pred, tokens = model(sb.noisy, sb.timesteps, sb.text, sb.id_embeds, sb.added(),
+                         **sb.identity())                                            # (B,C,h,w), (B,K,cad)
+    target = losses.denoising_target(sched, sb.x0, sb.noise, sb.timesteps)
+    mse = F.mse_loss(pred.float(), target.float())
+    zero = mse.new_zeros(())
+    out = {"mse": mse, "dd": zero, "pd": zero, "lambda_dd": torch.tensor(lam_dd), "lambda_pd": torch.tensor(lam_pd),
+           "delta": zero.new_zeros(0), "dd_timesteps": sb.timesteps.new_zeros(0), "cos_gap": zero.new_zeros(0)}
+    total = mse
+
+    if dd_inputs is not None:
+        src, noisy, t, (p, g, n) = dd_inputs
+        if L.dd_timesteps == "shared":
+            joint = pred[src]
+        else:
+            joint, _ = model(noisy, t, sb.text[src], sb.id_embeds[src], sb.added(src), **sb.identity(src))
         dd, delta = losses.denoising_decouple_loss(joint.float(), p, g, n, noisy, t, sched)
         out.update(dd=dd, delta=delta.detach(), dd_timesteps=t.detach())
         total = total + lam_dd * dd
