@@ -114,17 +114,31 @@ def square_crop_box(bbox: np.ndarray, width: int, height: int, context_scale: fl
     return left, top, left + side, top + side
 
 
-def process_item(data: bytes, caption: str | None, source: str, key: str, settings: ProcessSettings,
-                 analyzer: FaceAnalyzer) -> tuple[dict[str, Any] | Skip, dict[str, float]]:
-    """One input photo -> (shard sample or Skip, timings in seconds by stage)."""
+@dataclass
+class _Detected:
+    """An image past decoding, detection and the filters, waiting for its face embedding."""
+
+    im: Image.Image
+    rgb: np.ndarray  # (H, W, 3) uint8
+    faces: list
+    fraction: float
+    caption: str
+    source: str
+    key: str
+    times: dict[str, float]
+
+
+def _detect(data: bytes, caption: str | None, source: str, key: str, settings: ProcessSettings,
+            analyzer: FaceAnalyzer) -> tuple[_Detected | Skip, dict[str, float]]:
+    """Decode, detect and filter one photo (the part of the work done image by image); + timings."""
     times = {"decode": 0.0, "model": 0.0, "crop_encode": 0.0}
     t0 = time.perf_counter()
     caption = caption.strip() if caption else ""
     if not caption and settings.require_caption:
         return Skip("missing_caption"), times
     im = decode_image(data, settings.max_pixels)
+    times["decode"] = time.perf_counter() - t0
     if isinstance(im, Skip):
-        times["decode"] = time.perf_counter() - t0
         return im, times
     w, h = im.size
     if min(w, h) < settings.min_image_size:
@@ -133,9 +147,8 @@ def process_item(data: bytes, caption: str | None, source: str, key: str, settin
     t1 = time.perf_counter()
     times["decode"] = t1 - t0
 
-    faces = analyzer.analyze(rgb, max_faces=0)  # detect only; embed the chosen face below
-    t2 = time.perf_counter()
-    times["model"] = t2 - t1
+    faces = analyzer.analyze(rgb, max_faces=0)  # detect only; the chosen faces are embedded as one batch
+    times["model"] = time.perf_counter() - t1
     if not faces:
         return Skip("no_face"), times
     if len(faces) > 1 and settings.multi_face == "skip":
@@ -144,10 +157,14 @@ def process_item(data: bytes, caption: str | None, source: str, key: str, settin
     fraction = face.area / float(w * h)
     if fraction < settings.min_face:
         return Skip("face_too_small", f"face fraction {fraction:.4f} < {settings.min_face}"), times
-    if face.embedding is None:
-        face.embedding = analyzer.embed_aligned(align_face(rgb, face.landmarks, analyzer.align_size))
-    t3 = time.perf_counter()
+    return _Detected(im, rgb, faces, fraction, caption, source, key, times), times
 
+
+def _finish(d: _Detected, settings: ProcessSettings, analyzer: FaceAnalyzer) -> dict[str, Any]:
+    """Crop, resize and encode the training image of a detected, embedded photo."""
+    t3 = time.perf_counter()
+    im, face, faces, caption, fraction = d.im, d.faces[0], d.faces, d.caption, d.fraction
+    w, h = im.size
     box = square_crop_box(face.bbox, w, h, settings.context_scale)
     crop = im.crop(box).resize((settings.resolution, settings.resolution), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
@@ -158,7 +175,7 @@ def process_item(data: bytes, caption: str | None, source: str, key: str, settin
         "score": round(float(face.score), 4),
         "face_fraction": round(fraction, 5),
         "num_faces": len(faces),
-        "source": source,
+        "source": d.source,
         "recognizer": analyzer.recognizer_name,
         "embedding_dim": int(face.embedding.shape[0]),
         "original_size": [w, h],
@@ -166,12 +183,38 @@ def process_item(data: bytes, caption: str | None, source: str, key: str, settin
         "caption_is_template": not caption,
     }
     sample = {
-        "__key__": key,
+        "__key__": d.key,
         "jpg": buf.getvalue(),
         "txt": (caption or settings.template_caption).encode("utf-8"),
         f"{analyzer.recognizer_name}.npy": np.asarray(face.embedding, dtype=np.float32),
         "json": json.dumps(meta).encode("utf-8"),
     }
-    times["crop_encode"] = time.perf_counter() - t3
-    times["model"] += t3 - t2
-    return sample, times
+    d.times["crop_encode"] = time.perf_counter() - t3
+    return sample
+
+
+def process_batch(entries: list[tuple[bytes, str | None, str, str]], settings: ProcessSettings,
+                  analyzer: FaceAnalyzer) -> list[tuple[dict[str, Any] | Skip, dict[str, float]]]:
+    """(bytes, caption, source, key) per photo -> (shard sample or Skip, timings by stage) per photo.
+
+    Detection runs image by image; the aligned crops of every photo that passed the filters
+    then go through the recognizer as ONE batch (``analyzer.embed_aligned_batch``), whose
+    time is shared equally among them. Same samples as one photo at a time.
+    """
+    detected, times = zip(*[_detect(*entry, settings, analyzer) for entry in entries]) if entries else ((), ())
+    todo = [d for d in detected if isinstance(d, _Detected) and d.faces[0].embedding is None]
+    if todo:
+        t0 = time.perf_counter()
+        crops = [align_face(d.rgb, d.faces[0].landmarks, analyzer.align_size) for d in todo]
+        for d, emb in zip(todo, analyzer.embed_aligned_batch(crops)):  # (B, D)
+            d.faces[0].embedding = emb
+        share = (time.perf_counter() - t0) / len(todo)
+        for d in todo:
+            d.times["model"] += share
+    return [(d, t) if isinstance(d, Skip) else (_finish(d, settings, analyzer), t) for d, t in zip(detected, times)]
+
+
+def process_item(data: bytes, caption: str | None, source: str, key: str, settings: ProcessSettings,
+                 analyzer: FaceAnalyzer) -> tuple[dict[str, Any] | Skip, dict[str, float]]:
+    """One input photo -> (shard sample or Skip, timings in seconds by stage)."""
+    return process_batch([(data, caption, source, key)], settings, analyzer)[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import dataclasses
+import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -18,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterable, Iterator, Literal, Optional
 
 from tqdm import tqdm
 
@@ -27,7 +28,7 @@ from accord_face.config import field
 from .images import REASONS, ProcessSettings, Skip
 from .journal import ShardJournal, atomic_write_text
 from .sources import InputItem, is_shard_input, iter_folder, iter_shards
-from .worker import WORKER_STATE, init_worker, make_analyzer, work
+from .worker import WORKER_STATE, init_worker, make_analyzer, work_batch
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,21 @@ class PrepareConfig:
     model_root: Optional[str] = field(None, help="opencv-zoo: folder with the YuNet/SFace ONNX files; "
                                                  "insightface: root holding models/<model_name>/")
     model_name: str = field("buffalo_l", help="insightface model pack name")
-    workers: int = field(0, help="worker processes (0: analyse in this process)")
+    workers: int = field(0, help="worker processes (0: analyse in this process); with --distributor ray: "
+                                 "Ray tasks at once (0: one per CPU of the cluster)")
     threads_per_worker: int = field(1, help="onnxruntime threads per worker")
+    batch_size: int = field(16, help="photos per recognition batch: their aligned face crops go through the "
+                                     "recognizer as one onnxruntime call")
+    providers: str = field("cpu", help="onnxruntime execution providers in order, comma-separated: cpu, cuda, "
+                                       "tensorrt (or full names); missing ones fall back to CPU with a warning")
+    distributor: Literal["local", "ray"] = field("local", help="local: worker processes on this machine; ray: "
+                                                              "partitions as Ray tasks (pip install -e '.[ray]')")
+    ray_address: Optional[str] = field(None, help="Ray cluster to join ('auto' or host:port); none: start a "
+                                                  "local Ray with this machine's cores")
+    partition_size: int = field(1000, help="with --distributor ray: photos per partition of a folder input "
+                                           "(a shard input is partitioned by input shard)")
+    ray_retries: int = field(3, help="with --distributor ray: retries of a partition whose worker died "
+                                     "(it resumes from its last committed shard)")
     shard_size: int = field(1000, help="samples per shard")
     prefix: str = field("faces", help="shard file prefix")
     resolution: int = field(512, help="side of the square training image, px")
@@ -69,6 +83,14 @@ class PrepareConfig:
     def validate(self) -> None:
         if self.shard_size < 1 or self.resolution < 16 or self.workers < 0:
             raise ValueError("shard_size must be >= 1, resolution >= 16, workers >= 0")
+        if self.batch_size < 1 or self.partition_size < 1 or self.ray_retries < 0:
+            raise ValueError("batch_size and partition_size must be >= 1, ray_retries >= 0")
+        from accord_face.face import resolve_providers
+
+        import warnings
+        with warnings.catch_warnings():  # only the names are checked here; the analyzer warns once
+            warnings.simplefilter("ignore")
+            resolve_providers(self.providers)  # raises on an unknown name
         if not 0 <= self.min_face < 1 or self.context_scale < 1:
             raise ValueError("min_face must be in [0, 1) and context_scale >= 1")
         if "." in self.prefix or "/" in self.prefix:
@@ -76,7 +98,8 @@ class PrepareConfig:
 
     def output_settings(self) -> dict[str, Any]:
         """The settings that determine the shards' content (a resumed run must match them)."""
-        skip = {"input", "output", "workers", "threads_per_worker", "progress"}
+        skip = {"input", "output", "workers", "threads_per_worker", "progress", "batch_size", "providers",
+                "distributor", "ray_address", "partition_size", "ray_retries"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def process_settings(self) -> ProcessSettings:
@@ -84,19 +107,27 @@ class PrepareConfig:
         return ProcessSettings(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
 
-def _ordered_window(items: Iterator[InputItem], pool: cf.Executor | None, window: int) -> Iterator[tuple]:
-    """Results in input order with at most ``window`` items in flight (bounded memory)."""
+def batched(items: Iterable, n: int) -> Iterator[list]:
+    """Consecutive lists of ``n`` items (the last one shorter), read lazily."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+def _ordered_window(items: Iterator[InputItem], pool: cf.Executor | None, window: int,
+                    batch_size: int = 1) -> Iterator[tuple]:
+    """Results in input order with at most ``window`` batches of ``batch_size`` in flight (bounded memory)."""
     if pool is None:
-        for item in items:
-            yield work(item)
+        for batch in batched(items, batch_size):
+            yield from work_batch(batch)
         return
     pending: collections.deque = collections.deque()
-    for item in items:
-        pending.append(pool.submit(work, item))
+    for batch in batched(items, batch_size):
+        pending.append(pool.submit(work_batch, batch))
         if len(pending) >= window:
-            yield pending.popleft().result()
+            yield from pending.popleft().result()
     while pending:
-        yield pending.popleft().result()
+        yield from pending.popleft().result()
 
 
 # ---------------------------------------------------------------- driver
@@ -147,7 +178,8 @@ def prepare_shards(cfg: PrepareConfig) -> dict[str, Any]:
     bar = tqdm(desc="prepare-shards", unit="img", disable=not cfg.progress, dynamic_ncols=True)
     try:
         for source, result, item_times in _ordered_window(ShardJournal.iter_pending(items, journal.done),
-                                                          pool, window=max(8, 4 * cfg.workers)):
+                                                          pool, window=max(2, 2 * cfg.workers),
+                                                          batch_size=cfg.batch_size):
             times.update(item_times)
             t0 = time.perf_counter()
             if isinstance(result, Skip):

@@ -296,11 +296,11 @@ def test_insightface_pack_writes_arcface_embeddings(tmp_path):
 
 def test_analyzer_errors_skip_one_photo_but_stop_a_broken_model(tmp_path, monkeypatch):
     import data_pipelines.prepare as prep
-    from accord_face.face import load_face_analyzer
+    from accord_face.face import FaceAnalyzer, load_face_analyzer
 
     real = load_face_analyzer("opencv-zoo")
 
-    class Flaky:  # raises on the grayscale cameraman only (R == G == B), like an OpenCV error on an odd image
+    class Flaky(FaceAnalyzer):  # raises on the grayscale cameraman only (R == G == B), like an OpenCV error
         def __init__(self, broken):
             self.broken = broken
             self.recognizer_name, self.embedding_dim, self.align_size = "sface", 128, 112
@@ -327,3 +327,35 @@ def test_analyzer_errors_skip_one_photo_but_stop_a_broken_model(tmp_path, monkey
     monkeypatch.setattr(prep, "MAX_CONSECUTIVE_FAILURES", 3)
     with pytest.raises(prep.AnalysisFailure, match="3 inputs in a row"):
         prepare_shards(_config(photos, tmp_path / "out2"))
+
+
+def shard_digests(out: Path) -> set[tuple[str, tuple]]:
+    """{(key, ((member, sha256), ...))} over every tar in ``out``, read with tarfile (not webdataset)."""
+    import hashlib
+    import tarfile
+
+    groups: dict[str, dict[str, str]] = collections.defaultdict(dict)
+    for tar_path in sorted(out.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                key, _, ext = m.name.partition(".")
+                assert ext not in groups[key], f"{key}.{ext} twice"
+                groups[key][ext] = hashlib.sha256(tar.extractfile(m).read()).hexdigest()
+    return {(k, tuple(sorted(v.items()))) for k, v in groups.items()}
+
+
+def skip_reasons(out: Path) -> dict[str, int]:
+    """Skipped inputs by reason (from skipped.jsonl) and how many distinct sources they are."""
+    rows = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    return {"sources": len({r["source"] for r in rows}), **collections.Counter(r["reason"] for r in rows)}
+
+
+def test_batched_recognition_writes_the_same_samples(messy_folder, tmp_path):
+    folder, good, bad = messy_folder
+    one = prepare_shards(_config(folder, tmp_path / "b1", batch_size=1))
+    many = prepare_shards(_config(folder, tmp_path / "b5", batch_size=5))
+    assert one["num_samples"] == many["num_samples"] == len(good)
+    a, b = shard_digests(tmp_path / "b1"), shard_digests(tmp_path / "b5")
+    assert len(a) == len(good) and a == b
+    assert skip_reasons(tmp_path / "b1") == skip_reasons(tmp_path / "b5") == {"sources": len(bad),
+                                                                              **collections.Counter(bad.values())}
