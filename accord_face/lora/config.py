@@ -132,6 +132,10 @@ class LoraTrainConfig:
     keep_checkpoints: int = field(2, help="newest checkpoints kept")
     resume: bool = field(True, help="continue from the newest complete checkpoint in output_dir")
     log_every: int = field(10, help="log the loss terms every k steps")
+    export_format: Literal["diffusers", "kohya", "comfyui"] = field(
+        "diffusers", help="diffusers: lora/pytorch_lora_weights.safetensors for pipe.load_lora_weights (always "
+                          "written); kohya (= comfyui): also lora/lora_kohya.safetensors (lora_unet_* keys, scalar "
+                          ".alpha) for ComfyUI, A1111 and kohya tools")
     data: DataConfig = field(default_factory=DataConfig, help="reference images and prompts")
     lora: LoraConfig = field(default_factory=LoraConfig, help="LoRA placement")
     textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig,

@@ -225,17 +225,29 @@ def train_lora(cfg: LoraTrainConfig, log=None) -> dict:
             log("[lora] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
         if main and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
             save_checkpoint(ckpt_root, done, models, optimizer, {"loss": sums["loss"]}, cfg.keep_checkpoints)
-            export_lora(models, out / "lora")
+            export(models, cfg, out / "lora", log, quiet=done != cfg.max_steps)
         if main and ((cfg.validation.every and done % cfg.validation.every == 0) or done == cfg.max_steps):
             grid = validation_grid(models, cfg, out / "validation" / f"step-{done:06d}.png")
         barrier(accelerator)
 
     if main and not (out / "lora").is_dir():  # resumed a finished run: export what the checkpoint holds
-        export_lora(models, out / "lora")
+        export(models, cfg, out / "lora", log)
     barrier(accelerator)
     log(f"[lora] LoRA weights: {out / 'lora'}" + (f"; validation grid: {grid}" if grid else ""))
     return {"output_dir": str(out), "lora_dir": str(out / "lora"), "grid": str(grid) if grid else None,
             "last": last, "start_step": start, "models": models}
+
+
+def export(models: LoraModels, cfg: LoraTrainConfig, folder: Path, log, quiet: bool = False) -> None:
+    """The diffusers export, plus the kohya file when ``export_format`` asks for it (one line about both)."""
+    from ..export_formats import export_lora_as
+
+    export_lora(models, folder)
+    extra = export_lora_as(folder, cfg.export_format)
+    if not quiet:
+        log(f"[lora] {folder / 'pytorch_lora_weights.safetensors'}: diffusers' layout (pipe.load_lora_weights)"
+            + (f"; {extra}: kohya layout (ComfyUI, A1111)" if extra else
+               "; export_format=kohya also writes the ComfyUI / A1111 layout"))
 
 
 def validation_grid(models: LoraModels, cfg: LoraTrainConfig, path: Path) -> Path:

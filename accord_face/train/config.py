@@ -156,6 +156,10 @@ class TrainConfig:
                                          "(embedded projection / SDXL text_encoder_2 / openai/clip-vit-large-patch14)")
     recognizer: str = field("auto", help="face recognizer the embeddings came from (auto: the shards' manifest)")
     resume: str = field("auto", help="auto = newest complete checkpoint in OUTPUT/checkpoints, none, or a tag folder")
+    export_format: Literal["diffusers", "comfyui"] = field(
+        "diffusers", help="diffusers: OUTPUT/adapter for pipe.load_ip_adapter (always written); comfyui: also an "
+                          "ip-adapter-faceid*_accord.safetensors for ComfyUI_IPAdapter_plus and tencent's IP-Adapter "
+                          "(needs 512-d arcface embeddings, hidden_dim 1024, 4 or 16 tokens)")
     encoder: EncoderConfig = field(default_factory=EncoderConfig, help="identity encoder")
     data: DataConfig = field(default_factory=DataConfig, help="shard reading")
     dropout: DropoutConfig = field(default_factory=DropoutConfig, help="condition dropout")
@@ -172,6 +176,14 @@ class TrainConfig:
             raise ValueError("max_steps must be >= 1")
         if self.resolution % 8:
             raise ValueError(f"resolution {self.resolution} must be a multiple of 8")
+        if self.export_format == "comfyui":
+            from ..export_formats import ipadapter_config_problems
+
+            e = self.encoder
+            problems = ipadapter_config_problems(e.id_embed_dim, e.hidden_dim, e.num_tokens, e.kind)
+            if problems:
+                raise ValueError("export_format=comfyui: ComfyUI_IPAdapter_plus / tencent IP-Adapter could not load "
+                                 "this adapter: " + "; ".join(problems) + " (or use export_format=diffusers)")
 
 
 @dataclass

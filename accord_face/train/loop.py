@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import adapter
+from .. import adapter, export_formats
 from ..config import ConfigError, save_config
 from ..data import build_dataset, collate
 from ..tiny import resolve_pretrained
@@ -154,6 +154,7 @@ def _export(engine, cfg, parts, info, out: Path, step: int) -> None:
         if dist.get_rank() == 0:
             adapter.export_adapter(out / "adapter", model.encoder, model.unet,
                                    _adapter_info(cfg, parts, info, model, step))
+            export_formats.after_adapter_export(out / "adapter", cfg.export_format, log.info)
 
 
 def _save(engine, cfg, parts, info, out: Path, step: int, stream: DataStream) -> None:
