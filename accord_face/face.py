@@ -207,13 +207,18 @@ class FaceAnalyzer:
             return np.zeros((0, self.embedding_dim), np.float32)
         return np.stack([self.embed_aligned(c) for c in crops]).astype(np.float32)
 
+    def align(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """The recognizer's input crop (align_size, align_size, 3): ArcFace 5-point alignment by default;
+        a backend whose recognizer was trained on another template overrides this."""
+        return align_face(image, landmarks, self.align_size)
+
     def analyze(self, image: np.ndarray, max_faces: int | None = None) -> list[Face]:
         """All faces (largest first, at most ``max_faces`` embedded), each with its embedding."""
         image = _check_image(image)
         faces = sorted(self.detect(image), key=lambda f: f.area, reverse=True)
         todo = [f for f in faces[:max_faces] if f.embedding is None]
         if todo:
-            embs = self.embed_aligned_batch([align_face(image, f.landmarks, self.align_size) for f in todo])
+            embs = self.embed_aligned_batch([self.align(image, f.landmarks) for f in todo])
             for face, emb in zip(todo, embs):
                 face.embedding = emb
         return faces

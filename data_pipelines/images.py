@@ -205,7 +205,7 @@ def process_batch(entries: list[tuple[bytes, str | None, str, str]], settings: P
     todo = [d for d in detected if isinstance(d, _Detected) and d.faces[0].embedding is None]
     if todo:
         t0 = time.perf_counter()
-        crops = [align_face(d.rgb, d.faces[0].landmarks, analyzer.align_size) for d in todo]
+        crops = [analyzer.align(d.rgb, d.faces[0].landmarks) for d in todo]
         for d, emb in zip(todo, analyzer.embed_aligned_batch(crops)):  # (B, D)
             d.faces[0].embedding = emb
         share = (time.perf_counter() - t0) / len(todo)
