@@ -246,9 +246,13 @@ class ShardDataset(wds.DataPipeline):
 def build_dataset(shards: str | list[str], *, resolution: int, embedding_key: str | None = None,
                   shuffle_buffer: int = 256, seed: int = 0, epoch: int = 0, split_by_node: bool = True,
                   split_by_worker: bool = True, resampled: bool = False, random_flip: bool = False,
-                  skip: int = 0, skip_batch_size: int | None = None) -> ShardDataset:
+                  skip: int = 0, skip_batch_size: int | None = None,
+                  face_crop_size: int | None = None) -> ShardDataset:
     """WebDataset pipeline yielding ``{"__key__", "pixel_values" (3,R,R) in [-1,1], "caption",
     "face_embedding" (D,), "meta"}``; see the module docstring for the stage order.
+
+    ``face_crop_size`` S (FaceID-Plus): also ``"face_pixels"`` (3, S, S) uint8, the aligned face crop
+    computed from the stored image and the json landmarks (``family.clip_image.face_crop_from_sample``).
 
     ``embedding_key`` None: the manifest's ``embedding_key`` (next to the first shard), else
     the single ``*.npy`` member of each sample.
@@ -286,7 +290,11 @@ def build_dataset(shards: str | list[str], *, resolution: int, embedding_key: st
         if random_flip:
             digest = zlib.crc32(sample["__key__"].encode())  # stable across processes, unlike hash(str)
             flip = random.Random(_mix(state.seed, state.epoch, digest)).random() < 0.5
-        return decode_sample(sample, resolution=resolution, embedding_key=embedding_key, flip=flip)
+        out = decode_sample(sample, resolution=resolution, embedding_key=embedding_key, flip=flip)
+        if face_crop_size:
+            from .family.clip_image import face_crop_from_sample
+            out["face_pixels"] = face_crop_from_sample(_image_member(sample), out["meta"], face_crop_size)
+        return out
 
     stages.append(wds.map(decode, handler=stats.handler))
     return ShardDataset(*stages, state=state, stats=stats, urls=urls)
@@ -302,4 +310,6 @@ def collate(samples: list[dict]) -> dict:
         "caption": [s["caption"] for s in samples],
         "face_embedding": torch.stack([s["face_embedding"] for s in samples]),  # (B, D)
         "meta": [s["meta"] for s in samples],
+        **({"face_pixels": torch.stack([s["face_pixels"] for s in samples])}   # (B, 3, S, S) uint8
+           if "face_pixels" in samples[0] else {}),
     }

@@ -20,14 +20,25 @@ __all__ = ["TrainConfig", "EncoderConfig", "DataConfig", "DropoutConfig", "LossC
 
 @dataclass
 class EncoderConfig:
-    kind: Literal["faceid"] = field("faceid", help="identity projection model (accord_face.encoder.ENCODERS)")
+    kind: Literal["faceid", "faceid_plus", "faceid_plusv2", "faceid_portrait"] = field(
+        "faceid", help="FaceID family member (accord_face.encoder.ENCODERS): faceid, faceid_plus / faceid_plusv2 "
+                       "(+ CLIP face crop; v2 with the shortcut), faceid_portrait (n photos x num_tokens)")
     id_embed_dim: int = field(128, help="face embedding size; must equal the shards' manifest embedding_dim "
                                         "(sface 128, arcface 512)")
     num_tokens: int = field(4, help="identity tokens K fed to the decoupled cross-attention (4 or 16)")
     hidden_dim: int = field(1024, help="MLP hidden size; a multiple of id_embed_dim (diffusers infers it)")
     ip_scale: float = field(1.0, help="adapter scale during training")
+    image_encoder_path: str = field("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", help=(
+        "FaceID-Plus: frozen CLIPVisionModelWithProjection (hub id, folder, or embedded:clip-vision)"))
+    image_encoder_subfolder: str = field("", help="subfolder of image_encoder_path (h94/IP-Adapter: models/image_encoder)")
+    s_scale: float = field(1.0, help="Plus-V2 shortcut weight during training (tokens + s_scale * resampler)")
+    num_photos: int = field(1, help="Portrait: up to n photos of the same person per sample (1..n drawn per step)")
 
     def validate(self) -> None:
+        if self.kind.startswith("faceid_plus") and self.num_tokens != 4:
+            raise ValueError(f"encoder.num_tokens must be 4 for {self.kind} (diffusers loads FaceID-Plus with 4)")
+        if self.num_photos < 1 or (self.num_photos > 1 and self.kind != "faceid_portrait"):
+            raise ValueError("encoder.num_photos must be >= 1, and > 1 only with kind=faceid_portrait")
         if self.hidden_dim % self.id_embed_dim:
             raise ValueError(f"encoder.hidden_dim {self.hidden_dim} must be a multiple of "
                              f"encoder.id_embed_dim {self.id_embed_dim}")
@@ -194,6 +205,7 @@ class ShardInfo:
     embedding_key: Optional[str]
     embedding_dim: Optional[int]
     recognizer: dict
+    face_crop_size: Optional[int] = None   # FaceID-Plus: aligned face crops of this size (the CLIP image size)
 
 
 def preflight(cfg: TrainConfig) -> ShardInfo:

@@ -29,6 +29,7 @@ from .config import ShardInfo, TrainConfig, preflight
 from .models import build_model, clip_text_features, compute_dtype, load_frozen_parts, reference_fn
 from .step import compute_losses, prepare_batch
 from .validation import sample_images, save_grid
+from ..family.trainer import adapter_config_fields, attach_family_parts, face_crop_size, validation_clip
 
 log = logging.getLogger("accord_face.train")
 
@@ -83,7 +84,8 @@ class DataStream:
         ds = build_dataset(self.info.urls, resolution=c.resolution, embedding_key=self.info.embedding_key,
                            shuffle_buffer=c.data.shuffle_buffer, seed=c.seed, epoch=self.epoch,
                            resampled=c.data.resampled, random_flip=c.data.random_flip, skip=self.consumed,
-                           skip_batch_size=c.data.micro_batch_size)
+                           skip_batch_size=c.data.micro_batch_size,
+                                 face_crop_size=self.info.face_crop_size)
         loader = DataLoader(ds, batch_size=c.data.micro_batch_size, collate_fn=collate,
                             num_workers=c.data.num_workers, drop_last=True)
         return iter(loader)
@@ -142,6 +144,7 @@ def _adapter_info(cfg: TrainConfig, parts, info: ShardInfo, model, step: int) ->
                    "dd_timesteps": L.dd_timesteps, "superclass_prompt": L.superclass_prompt,
                    "pd_mapping": L.pd_mapping, "lambda_warmup_steps": L.lambda_warmup_steps},
         "train_steps": step,
+        **adapter_config_fields(cfg, parts),
     }
 
 
@@ -172,12 +175,17 @@ def _save(engine, cfg, parts, info, out: Path, step: int, stream: DataStream) ->
     dist.barrier()
 
 
-def _validation_faces(cfg: TrainConfig, info: ShardInfo) -> Optional[torch.Tensor]:
-    """The first ``num_faces`` embeddings of the (unsplit, unshuffled) shards: fixed across runs."""
+def _validation_faces(cfg: TrainConfig, info: ShardInfo, parts=None) -> Optional[dict]:
+    """The first ``num_faces`` embeddings of the (unsplit, unshuffled) shards: fixed across runs.
+
+    {"ids": (N, D), "clip": (N, 1, L, H) CLIP face states for FaceID-Plus, else None}."""
     ds = build_dataset(info.urls, resolution=cfg.resolution, embedding_key=info.embedding_key, shuffle_buffer=0,
-                       split_by_node=False, split_by_worker=False)
-    faces = [s["face_embedding"] for s, _ in zip(ds, range(cfg.validation.num_faces))]
-    return torch.stack(faces) if faces else None
+                       split_by_node=False, split_by_worker=False, face_crop_size=info.face_crop_size)
+    samples = [s for s, _ in zip(ds, range(cfg.validation.num_faces))]
+    if not samples:
+        return None
+    crops = torch.stack([s["face_pixels"] for s in samples]) if info.face_crop_size else None
+    return {"ids": torch.stack([s["face_embedding"] for s in samples]), "clip": validation_clip(parts, crops)}
 
 
 def _validate(engine, cfg, parts, faces, out: Path, step: int, device) -> Optional[Path]:
@@ -186,10 +194,11 @@ def _validate(engine, cfg, parts, faces, out: Path, step: int, device) -> Option
         return None
     if engine.zero_optimization_stage() < 3 and dist.get_rank() != 0:
         return None  # full weights on every rank: rank 0 alone samples (ZeRO-3: all ranks take part)
-    prompts = [p for _ in range(len(faces)) for p in v.prompts]
-    ids = faces.repeat_interleave(len(v.prompts), dim=0)
+    prompts = [p for _ in range(len(faces["ids"])) for p in v.prompts]
+    ids = faces["ids"].repeat_interleave(len(v.prompts), dim=0)
+    clip = faces["clip"].repeat_interleave(len(v.prompts), dim=0) if faces["clip"] is not None else None
     columns = [sample_images(engine.module, parts, prompts, ids, s, v.num_inference_steps, v.guidance_scale,
-                             cfg.resolution, cfg.seed, device) for s in v.scales]
+                             cfg.resolution, cfg.seed, device, clip=clip) for s in v.scales]
     adapter.set_ip_scale(engine.module.unet, cfg.encoder.ip_scale)
     if dist.get_rank() == 0:
         return save_grid(columns, out / "samples" / f"step-{step:08d}.png")
@@ -222,6 +231,8 @@ def train(cfg: TrainConfig) -> dict:
         resolve_pretrained(cfg.pretrained_model)      # build an embedded pipeline once, not once per rank
     dist.barrier()
     parts = load_frozen_parts(cfg, device, dtype, with_clip=cfg.losses.lambda_pd > 0)
+    attach_family_parts(cfg, parts, info, device, dtype, rank)          # CLIP tower / identity bank
+    info.face_crop_size = face_crop_size(parts)
     model = build_model(cfg, parts)
     if parts.clip is not None and cfg.losses.pd_mapping == "text_projection_mean" and \
             parts.clip.text_projection.weight.shape[1] != model.unet.config.cross_attention_dim:
@@ -250,7 +261,7 @@ def train(cfg: TrainConfig) -> dict:
         save_config(_resolved(cfg, parts, info), out / "config.yaml")
     stream = DataStream(cfg, info, position["epoch"], position["consumed"])
     f_s = clip_text_features(parts, [cfg.losses.superclass_prompt], device)[0] if parts.clip is not None else None
-    faces = _validation_faces(cfg, info) if cfg.validation.enabled else None
+    faces = _validation_faces(cfg, info, parts) if cfg.validation.enabled else None
 
     writer = None
     if rank == 0 and cfg.logging.tensorboard:

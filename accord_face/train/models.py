@@ -112,6 +112,8 @@ class FrozenParts:
     # (SD1.5: ``clip`` shares the text tower; SDXL: ``clip`` is text_encoder_2): no second CLIP pass.
     pd_from_conditioning: bool = False
     feature_cache: dict = field(default_factory=dict)   # {(prompt, device): f (P,)}: superclass features
+    image_encoder: Optional[nn.Module] = None   # FaceID-Plus: family.clip_image.ImageEncoder (frozen CLIP vision)
+    identity_bank: Any = None                   # Portrait: family.portrait.IdentityBank (photos per person)
 
 
 def _check_tokenizer(tok, where: str):
@@ -208,7 +210,9 @@ def build_model(cfg: TrainConfig, parts: FrozenParts) -> IdentityAdapterModel:
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(cfg.encoder.kind, id_dim=cfg.encoder.id_embed_dim,
                             cross_attention_dim=unet.config.cross_attention_dim,
-                            num_tokens=cfg.encoder.num_tokens, hidden_dim=cfg.encoder.hidden_dim)
+                            num_tokens=cfg.encoder.num_tokens, hidden_dim=cfg.encoder.hidden_dim,
+                            clip_dim=parts.image_encoder.hidden_size if parts.image_encoder is not None else 1280,
+                            s_scale=cfg.encoder.s_scale)
     return IdentityAdapterModel(unet, encoder, cfg.encoder.num_tokens, cfg.encoder.ip_scale)
 
 

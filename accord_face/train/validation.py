@@ -23,8 +23,13 @@ __all__ = ["sample_images", "save_grid"]
 
 @torch.no_grad()
 def sample_images(model, parts: FrozenParts, prompts: list[str], id_embeds: torch.Tensor, scale: float,
-                  steps: int, guidance: float, resolution: int, seed: int, device: torch.device) -> np.ndarray:
-    """prompts[i] with identity id_embeds[i] -> uint8 images (N, R, R, 3)."""
+                  steps: int, guidance: float, resolution: int, seed: int, device: torch.device,
+                  clip: torch.Tensor | None = None) -> np.ndarray:
+    """prompts[i] with identity id_embeds[i] -> uint8 images (N, R, R, 3).
+
+    FaceID-Plus: ``clip`` (N, n, L, H) CLIP face states; the negative branch gets the dropped identity's
+    CLIP states (``parts.image_encoder.null_embeds()``), as training and ``accord-face generate`` do.
+    """
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(parts.scheduler.config)
@@ -36,6 +41,10 @@ def sample_images(model, parts: FrozenParts, prompts: list[str], id_embeds: torc
     # the zeros are what adapter.identity_image_embeds feeds a pipeline's negative branch.
     text, pooled = encode_text(parts, [""] * n + list(prompts), device)               # (2N, L, cad)
     ids = torch.cat([torch.zeros_like(id_embeds), id_embeds]).float().to(device)       # (2N, D)
+    extra = {}
+    if clip is not None:
+        null = parts.image_encoder.null_embeds().float()[None].expand(*clip.shape[:2], -1, -1)
+        extra = {"clip_embeds": torch.cat([null, clip.float()]).to(device)}          # (2N, n, L, H)
     added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(2 * n, resolution, device)} if parts.is_sdxl else None
     vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     gen = torch.Generator().manual_seed(seed)
@@ -43,7 +52,7 @@ def sample_images(model, parts: FrozenParts, prompts: list[str], id_embeds: torc
     latents = (torch.randn(shape, generator=gen) * sched.init_noise_sigma).to(device)
     for t in sched.timesteps:
         x = torch.cat([latents, latents])
-        pred, _ = model(x, t.expand(2 * n).to(device), text, ids, added)
+        pred, _ = model(x, t.expand(2 * n).to(device), text, ids, added, **extra)
         uncond, cond = pred.float().chunk(2)
         latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
     vae = parts.vae
