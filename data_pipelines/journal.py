@@ -71,11 +71,16 @@ class SettingsMismatch(ValueError):
 class ShardJournal:
     """Writes ``<prefix>-%06d.tar`` shards of ``shard_size`` samples, resumably."""
 
-    def __init__(self, outdir: str | os.PathLike, prefix: str, shard_size: int, settings: dict[str, Any]):
+    def __init__(self, outdir: str | os.PathLike, prefix: str, shard_size: int, settings: dict[str, Any],
+                 journal: str = JOURNAL):
+        """``journal``: the journal's path relative to ``outdir`` (one per partition under Ray:
+        several journals then share ``outdir``, each cleaning only its own ``prefix``)."""
         self.outdir = Path(outdir)
         self.outdir.mkdir(parents=True, exist_ok=True)
         self.prefix, self.shard_size, self.settings = prefix, shard_size, settings
-        self.path = self.outdir / JOURNAL
+        self.path = self.outdir / journal
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.complete = False  # a {"complete": true} line: every input of this journal's job is done
         self.shards: list[dict] = []  # committed: {"name", "samples", "sha256"}
         self.done: set[int] = set()  # input_id() of every committed input (8-byte ints: memory stays small)
         self.skip_counts: collections.Counter = collections.Counter()  # reason -> count
@@ -93,7 +98,7 @@ class ShardJournal:
             foreign = sorted(self.outdir.glob(f"{self.prefix}-*.tar"))
             if foreign:  # never delete shards that this journal did not write
                 raise SettingsMismatch(f"{self.outdir} already holds {foreign[0].name} (and maybe more) but no "
-                                       f"{JOURNAL}: choose an empty --output folder or another --prefix")
+                                       f"{self.path.name}: choose an empty --output folder or another --prefix")
             self._append({"settings": self.settings})
             return
         good = 0  # bytes of complete records; a torn tail (killed mid-write) is cut off
@@ -107,6 +112,8 @@ class ShardJournal:
                 if n == 0:
                     self._check_settings(rec)
                 else:
+                    if rec.get("complete"):
+                        self.complete = True
                     if rec.get("shard"):
                         self.shards.append(rec["shard"])
                     self.done.update(input_id(s) for s in rec.get("inputs", []))
@@ -133,9 +140,13 @@ class ShardJournal:
     def _clean(self) -> None:
         committed = {s["name"] for s in self.shards}
         pattern = re.compile(rf"^{re.escape(self.prefix)}-\d{{6}}\.tar$")
+        own_tmp = re.compile(rf"^\.{re.escape(self.prefix)}-\d{{6}}\.tar\.tmp$")
+        any_tmp = self.path.name == JOURNAL  # the only journal in its folder: every temp file is stale
         for entry in self.outdir.iterdir():
             stale_final = pattern.match(entry.name) and entry.name not in committed
-            if stale_final or (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            stale_tmp = own_tmp.match(entry.name) or (any_tmp and entry.name.startswith(".")
+                                                      and entry.name.endswith(".tmp") and entry.is_file())
+            if stale_final or stale_tmp:
                 entry.unlink()
 
     def _append(self, record: dict) -> None:
@@ -188,6 +199,13 @@ class ShardJournal:
         """Commit the last (short) shard and any pending skips."""
         self.commit_shard()
         self._commit_skips()
+
+    def mark_complete(self) -> None:
+        """``finish``, then journal that every input is done (a rerun skips this journal's job)."""
+        self.finish()
+        if not self.complete:
+            self._append({"complete": True})
+            self.complete = True
 
     def write_skipped_report(self, path: Path | None = None) -> Path:
         """``skipped.jsonl`` streamed from the journal (never held in memory)."""

