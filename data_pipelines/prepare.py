@@ -32,7 +32,9 @@ from .worker import WORKER_STATE, init_worker, make_analyzer, work_batch
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "accord-face-shards/1"
+# /2: sample json may carry ``person_id`` (identity groups for FaceID-Portrait); /1 shards read the same
+# (the trainer computes FaceID-Plus face crops from the ``landmarks`` + ``crop_box`` both versions store).
+MANIFEST_FORMAT = "accord-face-shards/2"
 MAX_CONSECUTIVE_FAILURES = 50  # this many analysis errors in a row means broken models, not bad photos
 
 
@@ -79,6 +81,9 @@ class PrepareConfig:
     multi_face: Literal["skip", "largest"] = field("skip", help="images with several faces: skip, or keep the largest")
     require_caption: bool = field(False, help="skip photos without a caption instead of using the template")
     template_caption: str = field("a photo of a person", help="caption for photos that have none (flagged)")
+    person_from: Literal["metadata", "folder", "none"] = field(
+        "metadata", help="identity label per photo (FaceID-Portrait groups), recorded as person_id: metadata = the "
+                         "metadata.jsonl person_id field (or the input shards' json), folder = one folder per person")
     jpeg_quality: int = field(95, help="JPEG quality of the training image")
     progress: bool = field(True, help="show a progress bar")
 
@@ -102,7 +107,10 @@ class PrepareConfig:
         """The settings that determine the shards' content (a resumed run must match them)."""
         skip = {"input", "output", "workers", "threads_per_worker", "progress", "batch_size", "providers",
                 "distributor", "ray_address", "partition_size", "ray_retries"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        if out.get("person_from") == "metadata":
+            out.pop("person_from")  # the default: folders prepared before the option resume unchanged
+        return out
 
     def process_settings(self) -> ProcessSettings:
         names = {f.name for f in dataclasses.fields(ProcessSettings)}
@@ -152,7 +160,7 @@ def input_plan(cfg: PrepareConfig) -> tuple[list[str] | None, Iterator[InputItem
     if not Path(cfg.input).is_dir():
         raise FileNotFoundError(f"--input {cfg.input!r} is neither a folder of photos nor shards "
                                 "(a .tar, a folder of .tar, a glob or a brace pattern)")
-    return None, iter_folder(cfg.input, exclude=cfg.output)
+    return None, iter_folder(cfg.input, exclude=cfg.output, person_from=cfg.person_from)
 
 
 def iter_inputs(cfg: PrepareConfig) -> Iterator[InputItem]:

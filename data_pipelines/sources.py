@@ -29,6 +29,7 @@ class InputItem:
     data: bytes | None = None  # the image bytes (shard input)
     caption: str | None = None
     skip: Skip | None = None  # already known to be bad (e.g. unreadable shard)
+    person_id: str | None = None  # identity label (FaceID-Portrait groups): folder per person or metadata
 
     @property
     def key(self) -> str:
@@ -43,8 +44,9 @@ def _read_caption(path: Path) -> str | None:
         return None
 
 
-def _load_metadata(folder: Path, captions: dict[str, str]) -> None:
-    """``metadata.jsonl`` lines {"file_name", "caption"} (relative to ``folder``) into ``captions``."""
+def _load_metadata(folder: Path, captions: dict[str, str], persons: dict[str, str] | None = None) -> None:
+    """``metadata.jsonl`` lines {"file_name", "caption"[, "person_id"]} (relative to ``folder``) into
+    ``captions`` (and ``persons``)."""
     meta = folder / "metadata.jsonl"
     if not meta.is_file():
         return
@@ -60,18 +62,29 @@ def _load_metadata(folder: Path, captions: dict[str, str]) -> None:
                 continue
             if caption:
                 captions[os.path.normpath(str(folder / name))] = str(caption)
+            if persons is not None and row.get("person_id") not in (None, ""):
+                persons[os.path.normpath(str(folder / name))] = str(row["person_id"])
 
 
-def iter_folder(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> Iterator[InputItem]:
-    """Every file with an image extension under ``root`` (sorted walk; hidden entries skipped)."""
+def iter_folder(root: str | os.PathLike, exclude: str | os.PathLike | None = None,
+                person_from: str = "metadata") -> Iterator[InputItem]:
+    """Every file with an image extension under ``root`` (sorted walk; hidden entries skipped).
+
+    ``person_from``: ``metadata`` = the ``person_id`` field of ``metadata.jsonl`` (none without one),
+    ``folder`` = the photo's folder relative to ``root`` (one folder per person; photos directly in
+    ``root`` get none), ``none``.
+    """
+    if person_from not in ("metadata", "folder", "none"):
+        raise ValueError(f"person_from must be metadata, folder or none, got {person_from!r}")
     root = Path(root)
     exclude_abs = os.path.abspath(exclude) if exclude else None
     captions: dict[str, str] = {}
+    persons: dict[str, str] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
                              and os.path.abspath(os.path.join(dirpath, d)) != exclude_abs)
         folder = Path(dirpath)
-        _load_metadata(folder, captions)
+        _load_metadata(folder, captions, persons)
         for name in sorted(filenames):
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
@@ -79,7 +92,13 @@ def iter_folder(root: str | os.PathLike, exclude: str | os.PathLike | None = Non
             caption = _read_caption(path.with_suffix(".txt"))
             if caption is None:
                 caption = captions.get(os.path.normpath(str(path)))
-            yield InputItem(source=path.relative_to(root).as_posix(), path=str(path), caption=caption)
+            person = None
+            if person_from == "metadata":
+                person = persons.get(os.path.normpath(str(path)))
+            elif person_from == "folder" and folder != root:
+                person = folder.relative_to(root).as_posix()
+            yield InputItem(source=path.relative_to(root).as_posix(), path=str(path), caption=caption,
+                            person_id=person)
 
 
 def iter_shards(urls: list[str]) -> Iterator[InputItem]:
@@ -113,12 +132,27 @@ def _shard_item(shard: str, key: str, group: dict[str, bytes]) -> InputItem:
     if image is None:
         return InputItem(source=source, skip=Skip("no_image_member", f"members: {sorted(group)}"))
     caption = group.get("txt", b"").decode("utf-8", errors="replace").strip() or None
-    if caption is None and "json" in group:
+    meta: dict = {}
+    if "json" in group:
         try:
-            caption = json.loads(group["json"]).get("caption") or None
-        except (json.JSONDecodeError, AttributeError):
-            caption = None
-    return InputItem(source=source, data=image, caption=caption)
+            meta = json.loads(group["json"])
+            meta = meta if isinstance(meta, dict) else {}
+        except json.JSONDecodeError:
+            meta = {}
+    if caption is None:
+        caption = meta.get("caption") or None
+    person = meta.get("person_id")
+    return InputItem(source=source, data=image, caption=caption,
+                     person_id=str(person) if person not in (None, "") else None)
+
+
+def tag_person(sample: dict, person_id: str | None) -> dict:
+    """Record the identity label in a processed sample's json member (in place; no label: unchanged)."""
+    if person_id is not None and isinstance(sample, dict) and "json" in sample:
+        meta = json.loads(sample["json"])
+        meta["person_id"] = person_id
+        sample["json"] = json.dumps(meta).encode("utf-8")
+    return sample
 
 
 def is_shard_input(spec: str) -> bool:
