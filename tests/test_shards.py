@@ -182,7 +182,8 @@ def test_sigkill_then_rerun_keeps_each_input_once(tmp_path):
         (photos / f"copy{i:02d}.jpg").write_bytes(p.read_bytes())
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "scripts" / "prepare_shards.py"), "--input", str(photos),
-           "--output", str(out), "--shard-size", "2", "--resolution", "64", "--no-progress"]
+           "--output", str(out), "--shard-size", "2", "--resolution", "64", "--no-progress",
+           "--batch-size", "2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # One worker process, in a session of its own so that we can see it go away.
     proc = subprocess.Popen(cmd + ["--workers", "1"], env=env, stdout=subprocess.DEVNULL,
