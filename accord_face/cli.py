@@ -54,6 +54,11 @@ def _user_error(command: str, err: Exception) -> int:
     return 2
 
 
+def _short(value, limit: int = 80) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
@@ -70,10 +75,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accord_face").setLevel(logging.INFO)
+    from .checks import UsageError
+
     keys = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
     try:
         summary = run_generate(from_dict(GenerateConfig, keys, source="command line"))
-    except (GenerateError, ConfigError) as err:
+    except (GenerateError, ConfigError, UsageError) as err:
         return _user_error("generate", err)
     print(f"[generate] {len(summary['images'])} image(s) + grid.png + generate.json -> {args.out}")
     return 0
@@ -88,10 +95,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .pipeline import GenerateError, atomic_write_text
 
     if args.compare:
+        from .evaluate_report import compare_settings, load_settings
+
         try:
             a, b = (load_metrics(p) for p in args.compare)
         except (OSError, ValueError) as err:
             return _user_error("evaluate", err)
+        diff, blocking = compare_settings(*(load_settings(p) for p in args.compare))
+        for key, va, vb in diff:
+            print(f"[evaluate] setting {key} differs: A={_short(va)} B={_short(vb)}")
+        if blocking and not args.force:
+            return _user_error("evaluate", ValueError(
+                f"{args.compare[0]} and {args.compare[1]} were measured with different {', '.join(blocking)}: "
+                "their deltas compare different experiments; rerun one with the other's settings, or pass --force"))
         table = format_compare(compare_metrics(a, b), *args.compare)
         print(table)
         if args.out:  # optional: keep the table and both trade-off curves in one plot
@@ -102,10 +118,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     args.out = args.out or "outputs/evaluate"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accord_face").setLevel(logging.INFO)
-    keys = {k: v for k, v in vars(args).items() if k not in ("command", "func", "compare") and v is not None}
+    from .checks import UsageError
+
+    keys = {k: v for k, v in vars(args).items() if k not in ("command", "func", "compare", "force") and v is not None}
     try:
         result = run_evaluate(from_dict(EvaluateConfig, keys, source="command line"))
-    except (GenerateError, ConfigError) as err:
+    except (GenerateError, ConfigError, UsageError) as err:
         return _user_error("evaluate", err)
     o = result["overall"]
     print(f"[evaluate] {result['num_samples']} images: identity similarity {o['identity_similarity']:.4g}, "
@@ -113,66 +131,140 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to a flag's help when it has a default worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and "%(default)" not in text and "(default:" not in text
+                and action.default is not None and action.default is not False
+                and action.default is not argparse.SUPPRESS and action.default != []):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _all_flags(parser: argparse.ArgumentParser) -> list[str]:
+    flags = []
+    for action in parser._actions:
+        flags += [o for o in action.option_strings if o.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                flags += _all_flags(child)
+    return sorted(set(flags))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with defaults in --help and a "did you mean" for misspelt flags and choices (exit 2)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        from .checks import did_you_mean
+
+        flags = _all_flags(self)
+        if message.startswith("unrecognized arguments:"):
+            message += "".join(did_you_mean(w.split("=")[0], flags) for w in message.split(":", 1)[1].split()
+                               if w.startswith("--"))
+        elif "invalid choice:" in message:
+            import re
+
+            m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+            if m:
+                message += did_you_mean(m.group(1), re.findall(r"'?([\w.-]+)'?", m.group(2)))
+        super().error(message)
+
+
+def _from_config(p: argparse.ArgumentParser, cls, flag: str, name: str, **kwargs) -> None:
+    """Add ``flag`` with help (and the shown default) taken from the dataclass field ``cls.name``."""
+    import dataclasses
+
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    shown = kwargs.pop("shown", default)
+    help_text = kwargs.pop("help", f.metadata.get("help", ""))
+    if shown not in (None, "", []) and "%(default)" not in help_text:
+        help_text += f" (default: {shown})"
+    p.add_argument(flag, dest=name, default=None, help=help_text, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="accord-face", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from .evaluate import EvaluateConfig
+    from .pipeline import GenerateConfig
+
+    parser = Parser(prog="accord-face", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("build-tiny", help="write an embedded (random-weight) SD-shaped pipeline to a folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--size", default="tiny", choices=["tiny", "small", "sd15"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder to write the pipeline to")
+    p.add_argument("--size", default="tiny", choices=["tiny", "small", "sd15"], help="model size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=cmd_build_tiny)
 
     p = sub.add_parser("smoke", help="training-free check: load a pipeline, sample once, evaluate both ACCORD "
                        "losses on real UNet outputs (the full demo flow is `make demo`)")
-    p.add_argument("--out", default="outputs/smoke")
-    p.add_argument("--pretrained", default="embedded:tiny")
+    p.add_argument("--out", default="outputs/smoke", help="output folder")
+    p.add_argument("--pretrained", default="embedded:tiny", help="base pipeline: folder, hub id or embedded:<size>")
     p.set_defaults(func=cmd_smoke)
 
-    p = sub.add_parser("generate", help="zero-shot generation with an exported adapter and reference photo(s)")
-    p.add_argument("--adapter", required=True, help="exported adapter folder (OUTPUT/adapter)")
-    p.add_argument("--face", dest="faces", action="append", required=True, help="reference photo (repeatable)")
-    p.add_argument("--prompt", dest="prompts", action="append", required=True, help="prompt (repeatable)")
-    p.add_argument("--negative-prompt", dest="negative_prompt")
-    p.add_argument("--pretrained", help="base model; default: the one recorded in adapter_config.json")
-    p.add_argument("--num-images", dest="num_images", type=int, help="images per prompt (seeds seed..seed+N-1)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--scale", type=float, help="identity strength (IP-Adapter scale)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--device")
-    p.add_argument("--face-backend", dest="face_backend", help="override the recorded face analyzer backend")
-    p.add_argument("--face-model-root", dest="face_model_root")
-    p.add_argument("--out", default="outputs/generate")
+    G = GenerateConfig
+    p = sub.add_parser("generate", help="zero-shot generation with an exported adapter and reference photo(s), "
+                       "and/or a trained LoRA")
+    _from_config(p, G, "--adapter", "adapter")
+    _from_config(p, G, "--lora", "lora")
+    _from_config(p, G, "--lora-scale", "lora_scale", type=float)
+    _from_config(p, G, "--face", "faces", action="append", help="reference photo of the person (repeatable; "
+                 "needs --adapter)")
+    _from_config(p, G, "--prompt", "prompts", action="append", required=True, help="prompt (repeatable)")
+    _from_config(p, G, "--negative-prompt", "negative_prompt")
+    _from_config(p, G, "--pretrained", "pretrained")
+    _from_config(p, G, "--num-images", "num_images", type=int)
+    _from_config(p, G, "--seed", "seed", type=int)
+    _from_config(p, G, "--scale", "scale", type=float)
+    _from_config(p, G, "--steps", "steps", type=int)
+    _from_config(p, G, "--guidance", "guidance", type=float)
+    _from_config(p, G, "--resolution", "resolution", type=int)
+    _from_config(p, G, "--device", "device")
+    _from_config(p, G, "--face-backend", "face_backend")
+    _from_config(p, G, "--face-model-root", "face_model_root")
+    _from_config(p, G, "--out", "out")
     p.set_defaults(func=cmd_generate)
 
+    E = EvaluateConfig
     p = sub.add_parser("evaluate", help="identity / CLIP-T / coupling metrics of an adapter, or --compare A B")
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print metric deltas of two evaluation folders")
-    p.add_argument("--adapter")
-    p.add_argument("--faces", help="folder: one sub-folder (or one photo) per identity")
-    p.add_argument("--prompts", help="text file, one prompt per line")
-    p.add_argument("--scales", type=_floats, help="comma-separated adapter scales, e.g. 0.3,0.6,1.0")
-    p.add_argument("--seeds", type=_ints, help="comma-separated seeds, e.g. 0,1")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per pipeline call (default 8)")
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--negative-prompt", dest="negative_prompt")
-    p.add_argument("--pretrained")
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--id-model", dest="id_model", help="identity analyzer backend (opencv-zoo | insightface)")
-    p.add_argument("--id-model-root", dest="id_model_root")
-    p.add_argument("--id-model-name", dest="id_model_name")
-    p.add_argument("--clip-model", dest="clip_model", help="CLIP folder or hub id for CLIP-T ('none' skips)")
-    p.add_argument("--shards", help="held-out shards for the coupling diagnostics")
-    p.add_argument("--coupling-samples", dest="coupling_samples", type=int)
-    p.add_argument("--coupling-timesteps", dest="coupling_timesteps", type=int)
-    p.add_argument("--superclass")
-    p.add_argument("--text-projection", dest="text_projection")
-    p.add_argument("--device")
-    p.add_argument("--out", help="output folder (default outputs/evaluate); with --compare: where to write "
-                                 "compare.md and compare_tradeoff.png (nothing written without it)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print metric deltas of two evaluation folders "
+                   "(refused when their prompts, seeds or identities differ, unless --force)")
+    p.add_argument("--force", action="store_true", help="with --compare: compute deltas even across different "
+                   "prompts / seeds / identities")
+    _from_config(p, E, "--adapter", "adapter")
+    _from_config(p, E, "--faces", "faces")
+    _from_config(p, E, "--prompts", "prompts")
+    _from_config(p, E, "--scales", "scales", type=_floats, help="comma-separated adapter scales, e.g. 0.3,0.6,1.0")
+    _from_config(p, E, "--seeds", "seeds", type=_ints, help="comma-separated seeds, e.g. 0,1")
+    for flag, name, tp in (("--steps", "steps", int), ("--batch-size", "batch_size", int),
+                           ("--guidance", "guidance", float), ("--negative-prompt", "negative_prompt", str),
+                           ("--pretrained", "pretrained", str), ("--resolution", "resolution", int),
+                           ("--id-model", "id_model", str), ("--id-model-root", "id_model_root", str),
+                           ("--id-model-name", "id_model_name", str), ("--clip-model", "clip_model", str),
+                           ("--shards", "shards", str), ("--coupling-samples", "coupling_samples", int),
+                           ("--coupling-timesteps", "coupling_timesteps", int), ("--superclass", "superclass", str),
+                           ("--text-projection", "text_projection", str), ("--device", "device", str)):
+        _from_config(p, E, flag, name, type=tp)
+    _from_config(p, E, "--out", "out", help="output folder (default outputs/evaluate); with --compare: where to "
+                 "write compare.md and compare_tradeoff.png (nothing written without it)", shown=None)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write an exported adapter or LoRA in another tool's layout "
+                       "(ComfyUI_IPAdapter_plus / tencent IP-Adapter, kohya / A1111)")
+    p.add_argument("--adapter", help="identity adapter folder (OUTPUT/adapter) -> --format comfyui")
+    p.add_argument("--lora", help="LoRA folder (OUTPUT/lora) -> --format kohya (= comfyui)")
+    p.add_argument("--format", required=True, choices=["comfyui", "kohya"], help="target layout")
+    p.add_argument("--lora-rank", type=int, default=128, help="rank of the (zero) FaceID LoRA keys written into "
+                   "a 4-token comfyui file; tencent's IPAdapterFaceID(lora_rank=...) must match")
+    p.add_argument("--out", help="output file (default: beside the diffusers file in the same folder)")
+    p.set_defaults(func=cmd_export)
 
     # Shard preparation: the same flags as scripts/prepare_shards.py (generated from PrepareConfig).
     from data_pipelines.prepare_shards import build_parser as _shard_parser
@@ -181,6 +273,29 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and identity embeddings"))
     p.set_defaults(func=cmd_prepare_shards, _parser=p)
     return parser
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import checks
+    from .export_formats import ExportError, adapter_format_note, export_adapter_as, export_lora_as
+
+    try:
+        if bool(args.adapter) == bool(args.lora):
+            raise checks.UsageError("give exactly one of --adapter DIR (identity adapter) or --lora DIR (LoRA)")
+        if args.adapter:
+            folder = checks.check_adapter_dir(args.adapter)
+            if args.format != "comfyui":
+                raise checks.UsageError(f"--format {args.format} is a LoRA layout; an identity adapter exports as "
+                                        "--format comfyui")
+            path = export_adapter_as(folder, "comfyui", args.out, lora_rank=args.lora_rank)
+        else:
+            path = export_lora_as(checks.check_lora_dir(args.lora), args.format, args.out)
+    except (checks.UsageError, ExportError) as err:
+        if args.adapter and isinstance(err, ExportError) and Path(args.adapter).is_dir():
+            err = ExportError(f"{err}. {adapter_format_note(args.adapter)}")
+        return _user_error("export", err)
+    print(f"[export] {path}")
+    return 0
 
 
 def cmd_prepare_shards(args: argparse.Namespace) -> int:

@@ -130,13 +130,16 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str | None = None, pre
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            raise ConfigError(f"unknown key {_where(full, source)}; valid keys here: {sorted(fields)}")
+            raise ConfigError(_unknown(full, key, fields, source))
         kwargs[key] = _coerce(value, hints[key], full, source)
     missing = [n for n, f in fields.items() if n not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ConfigError(f"missing required key(s) {[f'{prefix}.{m}' if prefix else m for m in missing]}"
-                          + (f" in {source}" if source else ""))
+        if source == "command line":
+            raise ConfigError("missing required flag(s): " + ", ".join("--" + m.replace("_", "-") for m in missing))
+        names = ", ".join(f"{prefix}.{m}" if prefix else m for m in missing)
+        raise ConfigError(f"missing required key(s) {names}" + (f" in {source}" if source else "")
+                          + f"; set {names.split(', ')[0]}=...")
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
@@ -145,8 +148,20 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str | None = None, pre
         except ConfigError:
             raise
         except ValueError as err:
-            raise ConfigError(f"{_where(prefix or '<root>', source)}: {err}") from None
+            if prefix:
+                raise ConfigError(f"{_where(prefix, source)}: {err}") from None
+            raise ConfigError(f"{source}: {err}" if source else str(err)) from None
     return obj
+
+
+def _unknown(full: str, key: str, names, source: str | None) -> str:
+    """One line: the unknown key, the closest valid one (difflib), where it came from."""
+    import difflib
+
+    close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
+    parent = full[: -len(str(key))]
+    hint = f"did you mean '{parent}{close[0]}'?" if close else f"valid keys here: {', '.join(sorted(names))}"
+    return f"unknown key {_where(full, source)}; {hint}"
 
 
 def to_dict(obj: Any) -> Any:
@@ -210,7 +225,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+            raise ConfigError(_yaml_error(path, err)) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
         data.update(loaded)
@@ -222,6 +237,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data, source=source + " (with command-line overrides)" if source and overrides else source)
 
 
+def _yaml_error(path: Path, err: Exception) -> str:
+    """PyYAML's multi-line error as one line with the file position (and the usual fix for tabs)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    fix = "; YAML indents with spaces, not tabs: replace the tab" if "'\\t'" in problem or "\t" in problem else ""
+    return f"{where}: not valid YAML ({problem}){fix}"
+
+
 def from_dict_keys_only(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> None:
     """Raise ConfigError for keys in ``data`` that ``cls`` does not have (types not checked)."""
     hints = typing.get_type_hints(cls)
@@ -229,7 +253,7 @@ def from_dict_keys_only(cls: type, data: dict[str, Any], source: str, prefix: st
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            raise ConfigError(f"unknown key {_where(full, source)}; valid keys here: {sorted(names)}")
+            raise ConfigError(_unknown(full, key, names, source))
         tp = hints[key]
         sub = next((a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)), None)
         if sub is not None and isinstance(value, dict):

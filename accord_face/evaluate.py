@@ -124,6 +124,24 @@ def _load_done(path: Path) -> dict[str, dict]:
 # ----------------------------------------------------------------------------- the run
 
 
+def check_evaluate_inputs(cfg: EvaluateConfig) -> None:
+    """Paths, device and hub reachability of every model, before anything loads (checks.UsageError)."""
+    from . import checks
+
+    checks.check_adapter_dir(cfg.adapter)
+    checks.check_folder(cfg.faces, "--faces", "a folder with one sub-folder (or one photo) per identity")
+    checks.check_file(cfg.prompts, "--prompts", "a text file with one prompt per line")
+    if cfg.shards and not any(c in cfg.shards for c in "*?{,"):   # a folder (globs / brace lists go as they are)
+        checks.check_folder(cfg.shards, "--shards", "the folder of held-out *.tar shards")
+    checks.check_device(cfg.device)
+    if cfg.pretrained:
+        checks.check_hub_reachable(cfg.pretrained, "--pretrained")
+    if cfg.clip_model != "none":
+        checks.check_hub_reachable(cfg.clip_model, "--clip-model", probe="config.json")
+    if cfg.text_projection:
+        checks.check_hub_reachable(cfg.text_projection, "--text-projection", probe="config.json")
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Generate and measure every sample (resuming), add coupling diagnostics, write all outputs."""
     from tqdm.auto import tqdm
@@ -131,6 +149,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     from .evaluate_report import write_outputs
     from .face import load_face_analyzer
 
+    check_evaluate_inputs(cfg)
     out = Path(cfg.out)
     identities, prompts = load_identities(cfg.faces), load_prompts(cfg.prompts)
     # The fingerprint of a run: its settings and the inputs the files held (sample keys use prompt indices).

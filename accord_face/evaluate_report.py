@@ -193,6 +193,31 @@ def compare_metrics(a: dict, b: dict) -> list[dict[str, Any]]:
     return rows
 
 
+# Settings that change what is measured: deltas across them compare different experiments.
+PROTOCOL_SETTINGS = ("prompt_list", "seeds", "identities", "steps", "guidance", "resolution", "negative_prompt",
+                     "coupling_samples", "coupling_timesteps", "superclass", "id_model", "clip_model")
+IGNORED_SETTINGS = ("out", "device", "batch_size", "prompts", "faces", "identity_photos")
+
+
+def load_settings(path: str | Path) -> dict:
+    """settings.json of an evaluation folder (beside metrics.json), with ``identities`` = the identity names."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    file = folder / "settings.json"
+    if not file.is_file():
+        return {}
+    data = json.loads(file.read_text())
+    data["identities"] = sorted(data.get("identity_photos") or {})
+    return data
+
+
+def compare_settings(a: dict, b: dict) -> tuple[list[tuple[str, Any, Any]], list[str]]:
+    """(every differing setting as (key, a, b), the PROTOCOL_SETTINGS among them)."""
+    keys = [k for k in list(a) + [k for k in b if k not in a] if k not in IGNORED_SETTINGS]
+    diff = [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
+    return diff, [k for k, _, _ in diff if k in PROTOCOL_SETTINGS]
+
+
 def format_compare(rows: list[dict[str, Any]], name_a: str = "A", name_b: str = "B") -> str:
     """A Markdown table of the comparison."""
     lines = [f"| metric | {name_a} | {name_b} | delta (B - A) |", "|---|---|---|---|"]

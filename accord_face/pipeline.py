@@ -47,7 +47,11 @@ class GenerateError(RuntimeError):
 class GenerateConfig:
     """Settings of one ``accord-face generate`` run (all recorded in generate.json)."""
 
-    adapter: str = field(help="exported adapter folder (ip_adapter.safetensors + adapter_config.json)")
+    adapter: Optional[str] = field(None, help="exported identity adapter folder (OUTPUT/adapter: "
+                                              "ip_adapter.safetensors + adapter_config.json)")
+    lora: Optional[str] = field(None, help="exported LoRA folder (the LoRA trainer's OUTPUT/lora), alone or with "
+                                           "an adapter")
+    lora_scale: float = field(1.0, help="LoRA strength (0 = the base model)")
     faces: list[str] = field(default_factory=list, help="reference photo(s) of ONE person; embeddings are averaged")
     prompts: list[str] = field(default_factory=list, help="text prompts; each gets num_images images")
     negative_prompt: str = field("", help="negative prompt for classifier-free guidance")
@@ -65,8 +69,12 @@ class GenerateConfig:
     face_model_root: Optional[str] = field(None, help="folder with face models for the analyzer (insightface)")
 
     def validate(self) -> None:
-        if not self.faces:
-            raise ValueError("give at least one reference photo (--face IMG)")
+        if not self.adapter and not self.lora:
+            raise ValueError("give an identity adapter (--adapter DIR) and/or a LoRA (--lora DIR)")
+        if self.adapter and not self.faces:
+            raise ValueError("give at least one reference photo (--face IMG) for the identity adapter")
+        if self.faces and not self.adapter:
+            raise ValueError("--face needs an identity adapter (--adapter DIR); a LoRA takes no photos")
         if not self.prompts:
             raise ValueError("give at least one prompt (--prompt TEXT)")
         if self.num_images < 1 or self.steps < 1:
@@ -107,8 +115,9 @@ def adapter_weight_shapes(adapter_dir: str | os.PathLike) -> tuple[int, int]:
         return cad, id_dim
 
 
-def resolve_base_model(adapter_cfg: dict[str, Any], override: Optional[str]) -> str:
-    """The base model to load: the override, else the recorded local path if it still exists, else the recorded id."""
+def resolve_base_model(adapter_cfg: dict[str, Any], override: Optional[str], lora: Optional[str] = None) -> str:
+    """The base model to load: the override, else the adapter's recorded local path if it still exists, else its
+    recorded id, else (no adapter) the LoRA's recorded base."""
     from .tiny import resolve_pretrained
 
     if override:
@@ -117,8 +126,13 @@ def resolve_base_model(adapter_cfg: dict[str, Any], override: Optional[str]) -> 
     if local and Path(local).is_dir():
         return local
     name = adapter_cfg.get("base_model")
+    if not name and lora and not adapter_cfg:
+        from .lora.export import lora_base_model
+
+        name = lora_base_model(lora)
     if not name:
-        raise GenerateError("adapter_config.json records no base model; pass --pretrained ID_OR_DIR")
+        raise GenerateError(f"{lora if lora and not adapter_cfg else 'adapter_config.json'} records no base model; "
+                            "pass --pretrained ID_OR_DIR")
     return resolve_pretrained(name)
 
 
@@ -198,15 +212,20 @@ def default_device() -> str:
 
 
 class FaceIDGenerator:
-    """A diffusers text-to-image pipeline with the adapter loaded; generates from identity embeddings."""
+    """A diffusers text-to-image pipeline with the adapter (and/or a LoRA) loaded; generates from identity embeddings.
 
-    def __init__(self, adapter_dir: str | os.PathLike, pretrained: Optional[str] = None,
-                 device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+    ``adapter_dir=None`` with a ``lora`` folder: plain text-to-image with the LoRA (no identity).
+    """
+
+    def __init__(self, adapter_dir: str | os.PathLike | None, pretrained: Optional[str] = None,
+                 device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                 lora: str | os.PathLike | None = None, lora_scale: float = 1.0):
         from diffusers import DiffusionPipeline
 
-        self.adapter_dir = str(adapter_dir)
-        self.adapter_cfg = read_adapter_config(adapter_dir)
-        self.base_model = resolve_base_model(self.adapter_cfg, pretrained)
+        self.adapter_dir = str(adapter_dir) if adapter_dir else None
+        self.adapter_cfg = read_adapter_config(adapter_dir) if adapter_dir else {}
+        self.lora_dir, self.lora_scale = (str(lora) if lora else None), lora_scale
+        self.base_model = resolve_base_model(self.adapter_cfg, pretrained, self.lora_dir)
         self.device = device or default_device()
         self.dtype = dtype or (torch.float16 if self.device.startswith("cuda") else torch.float32)
         try:
@@ -215,10 +234,20 @@ class FaceIDGenerator:
         except (OSError, ValueError) as err:
             raise GenerateError(f"cannot load base model {self.base_model!r}: {str(err).splitlines()[0]} "
                                 "(pass --pretrained ID_OR_DIR, or run once with network access)") from None
-        if not hasattr(pipe, "load_ip_adapter"):
-            raise GenerateError(f"{type(pipe).__name__} ({self.base_model}) does not support IP-Adapters")
-        self.check_base(pipe)
-        pipe.load_ip_adapter(self.adapter_dir, subfolder="", weight_name=WEIGHT_NAME, image_encoder_folder=None)
+        if self.adapter_dir:
+            if not hasattr(pipe, "load_ip_adapter"):
+                raise GenerateError(f"{type(pipe).__name__} ({self.base_model}) does not support IP-Adapters")
+            self.check_base(pipe)
+            pipe.load_ip_adapter(self.adapter_dir, subfolder="", weight_name=WEIGHT_NAME, image_encoder_folder=None)
+        if self.lora_dir:
+            from .lora.export import load_into_pipeline
+
+            try:
+                load_into_pipeline(pipe, self.lora_dir, scale=lora_scale, adapter_name="lora")
+            except (ValueError, RuntimeError, KeyError) as err:  # shapes of another base model
+                raise GenerateError(f"--lora {self.lora_dir} does not fit {self.base_model}: "
+                                    f"{str(err).splitlines()[0][:200]}; pass the base it was trained on "
+                                    "with --pretrained") from None
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
         self.is_sdxl = "XL" in type(pipe).__name__
@@ -238,12 +267,13 @@ class FaceIDGenerator:
         res = self.adapter_cfg.get("resolution")
         return int(res) if res else int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
 
-    def generate(self, embedding: np.ndarray, prompt: str, *, seeds: list[int], **kwargs) -> list:
+    def generate(self, embedding: Optional[np.ndarray], prompt: str, *, seeds: list[int], **kwargs) -> list:
         """One image of ``prompt`` per seed (image i from ``torch.Generator().manual_seed(seeds[i])``)."""
         return self.generate_pairs(embedding, [prompt] * len(seeds), seeds, **kwargs)
 
     @torch.no_grad()
-    def generate_pairs(self, embedding: np.ndarray, prompts: list[str], seeds: list[int], *, scale: float = 1.0,
+    def generate_pairs(self, embedding: Optional[np.ndarray], prompts: list[str], seeds: list[int], *,
+                       scale: float = 1.0,
                        steps: int = 30, guidance: float = 5.0, negative_prompt: str = "",
                        resolution: Optional[int] = None) -> list:
         """One image per (prompts[i], seeds[i]) pair, in one batched pipeline call.
@@ -252,10 +282,12 @@ class FaceIDGenerator:
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
-        self.pipe.set_ip_adapter_scale(scale)
         size = resolution or self.resolution
-        emb = torch.as_tensor(np.asarray(embedding, np.float32)).reshape(1, -1).repeat(len(prompts), 1)  # (N, D)
-        embeds = identity_image_embeds(emb, guidance > 1.0, dtype=self.dtype, device=self.device)      # [(2N, 1, D)]
+        embeds = None
+        if self.adapter_dir:
+            self.pipe.set_ip_adapter_scale(scale)
+            emb = torch.as_tensor(np.asarray(embedding, np.float32)).reshape(1, -1).repeat(len(prompts), 1)  # (N, D)
+            embeds = identity_image_embeds(emb, guidance > 1.0, dtype=self.dtype, device=self.device)   # [(2N, 1, D)]
         out = self.pipe(prompt=list(prompts), negative_prompt=[negative_prompt] * len(prompts) if negative_prompt
                         else None, ip_adapter_image_embeds=embeds, num_inference_steps=steps,
                         guidance_scale=guidance, num_images_per_prompt=1, height=size, width=size,
@@ -266,7 +298,8 @@ class FaceIDGenerator:
         return {"adapter": self.adapter_dir, "base_model": self.base_model,
                 "pipeline": type(self.pipe).__name__, "device": self.device, "dtype": str(self.dtype),
                 "recognizer": self.adapter_cfg.get("recognizer"), "adapter_format": self.adapter_cfg.get("format"),
-                "adapter_train_steps": self.adapter_cfg.get("train_steps")}
+                "adapter_train_steps": self.adapter_cfg.get("train_steps"), "lora": self.lora_dir,
+                "lora_scale": self.lora_scale if self.lora_dir else None}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -301,14 +334,37 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_generate_inputs(cfg: GenerateConfig) -> None:
+    """Every path, the device and the base model's reachability, before anything loads (UsageError)."""
+    from . import checks
+
+    if cfg.adapter:
+        checks.check_adapter_dir(cfg.adapter)
+    if cfg.lora:
+        checks.check_lora_dir(cfg.lora)
+    for photo in cfg.faces:
+        checks.check_photo(photo, "--face", IMAGE_SUFFIXES)
+    checks.check_device(cfg.device)
+    if cfg.pretrained:
+        checks.check_hub_reachable(cfg.pretrained, "--pretrained")
+    elif cfg.adapter:
+        rec = read_adapter_config(cfg.adapter)
+        local = rec.get("base_model_path")
+        if not (local and Path(local).is_dir()):
+            checks.check_hub_reachable(rec.get("base_model") or "", "the adapter's base model (--pretrained)")
+
+
 def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     """Analyse the reference photos, generate num_images per prompt, write images + grid + generate.json."""
     from importlib.metadata import version
 
+    check_generate_inputs(cfg)
     # Faces first: a bad photo fails in a second, before a multi-GB base model is loaded.
-    analyzer = make_face_analyzer(read_adapter_config(cfg.adapter), cfg.face_backend, cfg.face_model_root)
-    embedding, photo_notes = identity_embedding(analyzer, cfg.faces)
-    gen = FaceIDGenerator(cfg.adapter, cfg.pretrained, cfg.device)
+    analyzer, embedding, photo_notes = None, None, []
+    if cfg.adapter:
+        analyzer = make_face_analyzer(read_adapter_config(cfg.adapter), cfg.face_backend, cfg.face_model_root)
+        embedding, photo_notes = identity_embedding(analyzer, cfg.faces)
+    gen = FaceIDGenerator(cfg.adapter, cfg.pretrained, cfg.device, lora=cfg.lora, lora_scale=cfg.lora_scale)
     out = Path(cfg.out)
     records, images = [], []
     for p_idx, prompt in enumerate(cfg.prompts):
@@ -324,7 +380,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     summary = {
         "settings": to_dict(cfg), **gen.describe(), "resolution": cfg.resolution or gen.resolution,
         "face_analyzer": {"backend": analyzer.backend, "recognizer": analyzer.recognizer_name,
-                          "embedding_dim": int(analyzer.embedding_dim)},
+                          "embedding_dim": int(analyzer.embedding_dim)} if analyzer else None,
         "reference_photos": photo_notes, "images": records, "grid": "grid.png",
         "versions": {pkg: version(pkg) for pkg in ("torch", "diffusers", "transformers")},
     }

@@ -138,12 +138,12 @@ def _generate_argv(adapter, face, out):
 
 def test_error_missing_files(adapter_dir, photos, tmp_path, capsys):
     msg = _run_cli_error(capsys, _generate_argv(adapter_dir, tmp_path / "nope.jpg", tmp_path / "o"))
-    assert f"face photo {tmp_path / 'nope.jpg'} does not exist" in msg
+    assert f"--face {tmp_path / 'nope.jpg'}: no such photo" in msg
     msg = _run_cli_error(capsys, _generate_argv(tmp_path / "no_adapter", photos["grace"], tmp_path / "o"))
-    assert f"adapter folder {tmp_path / 'no_adapter'} does not exist" in msg
+    assert f"--adapter {tmp_path / 'no_adapter'}: no such adapter folder" in msg
     (tmp_path / "empty").mkdir()
     msg = _run_cli_error(capsys, _generate_argv(tmp_path / "empty", photos["grace"], tmp_path / "o"))
-    assert "ip_adapter.safetensors is missing" in msg
+    assert "has no ip_adapter.safetensors" in msg
 
 
 def test_error_no_face_names_the_file(adapter_dir, photos, tmp_path, capsys):

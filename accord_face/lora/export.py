@@ -8,6 +8,7 @@ Export (``<output_dir>/lora``):
   so alpha != rank reloads with the trained scale.
 - ``learned_embeds.safetensors`` (``{token: (1, D)}``) when a token was learned,
   loadable by ``pipe.load_textual_inversion(folder, weight_name=...)``.
+- ``lora_config.json``: the base model folder (``accord-face generate --lora`` loads it).
 
 Checkpoints (``<output_dir>/checkpoints/step-NNNNNN``): the trainable weights
 (safetensors), the optimizer state and ``state.json``; each is written under a
@@ -29,6 +30,7 @@ from .models import LoraModels
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TOKEN_WEIGHTS = "learned_embeds.safetensors"
+LORA_CONFIG = "lora_config.json"
 CHECKPOINT_PREFIX = "step-"
 
 
@@ -87,19 +89,38 @@ def export_lora(models: LoraModels, folder: str | Path) -> Path:
         token = learned_token_state(models)
         if token:
             save_file(token, str(tmp / TOKEN_WEIGHTS))
+        (tmp / LORA_CONFIG).write_text(json.dumps({"base_model_path": models.pretrained}, indent=2) + "\n")
         _replace_dir(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def load_into_pipeline(pipe, folder: str | Path):
-    """Load an exported folder into a ``StableDiffusionPipeline`` (token first, then LoRA)."""
+def load_into_pipeline(pipe, folder: str | Path, scale: float | None = None, adapter_name: str | None = None):
+    """Load an exported folder into a ``StableDiffusionPipeline`` (token first, then LoRA).
+
+    ``scale`` (with ``adapter_name``) sets the LoRA strength through ``pipe.set_adapters``.
+    """
     folder = Path(folder)
     if (folder / TOKEN_WEIGHTS).is_file():
         pipe.load_textual_inversion(str(folder), weight_name=TOKEN_WEIGHTS)
-    pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS)
+    pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS, adapter_name=adapter_name)
+    if scale is not None:
+        pipe.set_adapters([adapter_name or "default_0"], adapter_weights=[scale])
     return pipe
+
+
+def lora_base_model(folder: str | Path) -> str | None:
+    """The base model a LoRA folder was trained on: its lora_config.json, else the run's config.yaml."""
+    import yaml
+
+    folder = Path(folder)
+    if (folder / LORA_CONFIG).is_file():
+        return json.loads((folder / LORA_CONFIG).read_text()).get("base_model_path")
+    run_cfg = folder.parent / "config.yaml"
+    if run_cfg.is_file():
+        return (yaml.safe_load(run_cfg.read_text()) or {}).get("pretrained_model")
+    return None
 
 
 # ---------------------------------------------------------------------------
