@@ -132,22 +132,68 @@ image = pipe("a photo of a person", ip_adapter_image_embeds=identity_image_embed
 """
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import errno
+    import os
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _clean_stale_temps(folder: Path) -> None:
+    """Remove ``.NAME.tmp.<pid>.*`` folders of exporters that are no longer running (killed mid-export)."""
+    import os
+
+    for stale in folder.parent.glob(f".{folder.name}.tmp.*"):
+        pid = stale.name[len(f".{folder.name}.tmp."):].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # its exporter still runs
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        shutil.rmtree(stale, ignore_errors=True)
+    shutil.rmtree(folder.with_name(f".{folder.name}.old"), ignore_errors=True)  # left by older versions
+
+
 def export_adapter(folder: str | Path, encoder: nn.Module, unet: nn.Module, config: dict[str, Any],
-                   extra: Optional[Callable[[Path], None]] = None) -> Path:
+                   before_swap: Any = None, extra: Any = None) -> Path:
     """Write ``ip_adapter.safetensors`` + ``adapter_config.json`` + ``README.md`` into ``folder`` atomically.
 
-    Everything is written into a temporary sibling folder, which then replaces
-    ``folder``: a reader never sees a half-written adapter. ``config`` is the
-    adapter_config.json content; "format" and "version" are filled in.
-    ``extra(tmp_folder)`` writes further files into the same atomic folder
-    (the identity LoRA's ``pytorch_lora_weights.safetensors``).
+    Everything is written into a temporary sibling folder (fsynced), which then takes the place of
+    ``folder`` in one ``renameat2(RENAME_EXCHANGE)``: at every instant ``folder`` holds a complete
+    adapter, the old one or the new one (where the exchange is unsupported, each file is replaced
+    by ``os.replace``, so each file is always whole). Permissions follow the umask (0755 / 0644),
+    not ``mkdtemp``'s 0700. ``config`` is the adapter_config.json content; "format" and "version"
+    are filled in. ``before_swap``: a test hook called when the new files are ready.
+    ``extra(tmp_folder)`` writes further files into the same atomic folder (the identity LoRA's
+    ``pytorch_lora_weights.safetensors``).
     """
+    import os
+
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_temps(folder)
     info = {"format": FORMAT, "version": 1, **config}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp.", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp.{os.getpid()}.", dir=folder.parent))
     try:
         save_file(adapter_state_dict(encoder, unet), str(tmp / WEIGHT_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2, sort_keys=False) + "\n")
@@ -158,16 +204,25 @@ def export_adapter(folder: str | Path, encoder: nn.Module, unet: nn.Module, conf
             weight_name=WEIGHT_NAME))
         if extra is not None:
             extra(tmp)
-        old = folder.with_name(f".{folder.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            f.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
+        if before_swap is not None:
+            before_swap()
+        if not folder.is_dir():
+            tmp.rename(folder)
+        elif not _exchange(tmp, folder):
+            names = {f.name for f in tmp.iterdir()}
+            for stale in folder.iterdir():        # e.g. a LoRA file the new export does not have
+                if stale.is_file() and stale.name not in names:
+                    stale.unlink()
+            for name in sorted(names):
+                os.replace(tmp / name, folder / name)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # after an exchange: the previous adapter
     return folder
 
 

@@ -8,7 +8,7 @@ identity embedding (``sface.npy`` 128-d, ``arcface.npy`` 512-d), ``json`` metada
 
     shard list (deterministic order in (seed, epoch); or resampled)
       -> split by node (rank) -> split by worker
-      -> tar members -> samples          (corrupt shard: counted, warned, skipped)
+      -> tar members -> samples          (bad or empty shard: counted, logged with shard, skipped)
       -> shuffle buffer (raw bytes: shuffle before decode, deterministic)
       -> skip the first N samples        (resume)
       -> decode, resize / centre-crop, optional flip -> dict of tensors
@@ -39,7 +39,7 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 __all__ = ["list_shards", "read_manifest", "build_dataset", "collate", "ShardDataset", "ReadStats",
-           "decode_sample", "MANIFEST_NAME"]
+           "decode_sample", "SampleError", "SKIP_KINDS", "MANIFEST_NAME"]
 
 MANIFEST_NAME = "manifest.json"
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -93,22 +93,57 @@ def read_manifest(shards_dir: str | os.PathLike) -> dict | None:
 # ---------------------------------------------------------------- stages
 @dataclass
 class ReadStats:
-    """Counts of what the reader tolerated (per process: each DataLoader worker has its own)."""
+    """Counts of what the reader skipped (per process: each DataLoader worker has its own).
+
+    ``kinds``: ``bad_shard`` (unreadable, truncated, vanished), ``empty_shard``, ``bad_sample``
+    (missing member, undecodable image or embedding, wrong size, NaN). Every skip is logged with its
+    shard and key. Decoded samples carry the counts since the previous sample (``__skipped__``), so
+    counts made inside DataLoader workers reach the training loop through the batches.
+    """
 
     errors: int = 0
     bad_shards: set = dc_field(default_factory=set)
     messages: list = dc_field(default_factory=list)
+    kinds: dict = dc_field(default_factory=lambda: {k: 0 for k in SKIP_KINDS})
+    reported: dict = dc_field(default_factory=lambda: {k: 0 for k in SKIP_KINDS})
+
+    def record(self, kind: str, url: str | None, key: str | None, exn: Exception | str) -> None:
+        self.kinds[kind] += 1
+        if kind != "empty_shard":
+            self.errors += 1
+        if kind != "bad_sample" and url:
+            self.bad_shards.add(url)
+        detail = exn if isinstance(exn, str) else " ".join(str(exn).split())[:300] if isinstance(exn, SampleError) \
+            else f"{type(exn).__name__}: {' '.join(str(exn).split())[:300]}"
+        msg = f"shard {url} key {key}: {detail}" if key else f"shard {url}: {detail}"
+        if len(self.messages) < 100:
+            self.messages.append(msg)
+        log.warning("skipping unreadable shard data (%s, %d skipped so far): %s", kind, sum(self.kinds.values()),
+                    msg)
 
     def handler(self, exn: Exception) -> bool:
         """wds handler: count and warn, never stop (a corrupt shard or sample is skipped)."""
-        self.errors += 1
         urls = [a for a in getattr(exn, "args", ()) if isinstance(a, str) and a.endswith(".tar")]
-        self.bad_shards.update(urls)
-        msg = f"{type(exn).__name__}: {str(exn)[:300]}"
-        if len(self.messages) < 100:
-            self.messages.append(msg)
-        log.warning("skipping unreadable shard data (%d so far): %s", self.errors, msg)
+        url, key = getattr(exn, "url", None) or (urls[0] if urls else None), getattr(exn, "key", None)
+        self.record("bad_sample" if key else "bad_shard", url, key, exn)
         return True
+
+    def take_unreported(self) -> dict:
+        """Counts since the last call (what the next decoded sample carries)."""
+        delta = {k: self.kinds[k] - self.reported[k] for k in SKIP_KINDS}
+        self.reported = dict(self.kinds)
+        return delta
+
+
+SKIP_KINDS = ("bad_shard", "empty_shard", "bad_sample")
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; carries its shard (``url``) and ``key`` for the log."""
+
+    def __init__(self, url: str | None, key: str | None, message: str):
+        super().__init__(message)
+        self.url, self.key = url, key
 
 
 def _mix(*parts: int) -> int:
@@ -159,7 +194,7 @@ def _shuffle(bufsize: int, state: _State) -> Callable[[Iterable[dict]], Iterator
     return stage
 
 
-def _skip(n: int, batch_size: int | None) -> Callable[[Iterable[dict]], Iterator[dict]]:
+def _skip(n: int, batch_size: int | None, stats: ReadStats | None = None) -> Callable[[Iterable[dict]], Iterator[dict]]:
     def stage(src: Iterable[dict]) -> Iterator[dict]:
         _, _, worker, nworkers = wds.utils.pytorch_worker_info()
         # With W DataLoader workers the rank's stream interleaves the W worker streams
@@ -172,15 +207,49 @@ def _skip(n: int, batch_size: int | None) -> Callable[[Iterable[dict]], Iterator
         for i, sample in enumerate(src):
             if i >= mine:
                 yield sample
+            elif stats is not None and i == mine - 1:
+                stats.take_unreported()  # skips in the replayed part were counted before the resume
+    return stage
+
+
+def _read_shards(stats: ReadStats) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """{"url"} -> raw samples, one shard at a time: an unreadable, truncated or vanished shard is
+    recorded once (with the last good key) and the next shard read; an empty shard is recorded."""
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+        def files(stream, url):
+            for f in tar_file_iterator(stream):
+                f["__url__"] = url
+                yield f
+
+        for item in src:
+            url, count, key = item["url"], 0, None
+            try:
+                with open(url, "rb") as stream:
+                    for sample in group_by_keys(files(stream, url)):
+                        count, key = count + 1, sample["__key__"]
+                        yield sample
+            except Exception as exn:  # noqa: BLE001  (any read error of one shard: skip that shard)
+                what = f"after key {key} ({count} samples read)" if key else "before the first sample"
+                stats.record("bad_shard", url, None, f"{type(exn).__name__}: {' '.join(str(exn).split())[:200]} "
+                             f"({what})")
+                continue
+            if count == 0:
+                stats.record("empty_shard", url, None, "no samples in this shard")
     return stage
 
 
 def _find_embedding_key(sample: dict) -> str:
     keys = [k for k in sample if k.endswith(".npy")]
     if len(keys) != 1:
-        raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: expected one *.npy "
-                       f"embedding member, found {keys}; pass embedding_key=")
+        raise SampleError(sample.get("__url__"), sample.get("__key__"),
+                          f"expected one *.npy embedding member, found {keys}; pass embedding_key=")
     return keys[0]
+
+
+# Members that only an unpickler could read: refused, never decoded.
+PICKLE_MEMBERS = ("pyd", "pickle", "pkl", "pth", "pt", "ckpt")
 
 
 def load_image(data: bytes, resolution: int, flip: bool = False) -> torch.Tensor:
@@ -205,22 +274,48 @@ def _image_member(sample: dict) -> bytes:
     for ext in ("jpg", "jpeg", "png", "webp"):
         if ext in sample:
             return sample[ext]
-    raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image member (jpg/png/webp)")
+    raise SampleError(sample.get("__url__"), sample.get("__key__"), "no image member (jpg/png/webp)")
 
 
 def decode_sample(sample: dict, *, resolution: int, embedding_key: str | None = None,
-                  flip: bool = False) -> dict:
-    """Raw shard sample (bytes per member) -> training dict."""
+                  flip: bool = False, embedding_dim: int | None = None) -> dict:
+    """Raw shard sample (bytes per member) -> training dict, with explicit decoders only.
+
+    Raises SampleError (naming shard and key) for a missing member, an image or ``.npy`` that does
+    not decode (pickled ``.npy`` arrays are refused: ``allow_pickle=False``), an embedding that is not
+    finite or not ``embedding_dim`` long, and any pickle-type member (``PICKLE_MEMBERS``).
+    """
+    url, skey = sample.get("__url__"), sample.get("__key__")
+    pickled = [k for k in sample if k.rsplit(".", 1)[-1].lower() in PICKLE_MEMBERS]
+    if pickled:
+        raise SampleError(url, skey, f"pickle members {pickled} are refused (shards hold jpg/png, txt, json, npy)")
     key = embedding_key or _find_embedding_key(sample)
     if key not in sample:
-        raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no '{key}' member "
-                       f"(members: {sorted(k for k in sample if not k.startswith('__'))})")
-    emb = np.load(io.BytesIO(sample[key]), allow_pickle=False).astype(np.float32).reshape(-1)  # (D,)
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
+        raise SampleError(url, skey, f"no '{key}' member (members: "
+                                     f"{sorted(k for k in sample if not k.startswith('__'))})")
+    try:
+        emb = np.load(io.BytesIO(sample[key]), allow_pickle=False).astype(np.float32).reshape(-1)  # (D,)
+    except (ValueError, OSError, EOFError) as err:
+        raise SampleError(url, skey, f"'{key}' is not a plain .npy array ({' '.join(str(err).split())[:120]})") \
+            from None
+    if embedding_dim is not None and emb.shape[0] != embedding_dim:
+        raise SampleError(url, skey, f"'{key}' has {emb.shape[0]} values, expected {embedding_dim}")
+    if not np.isfinite(emb).all():
+        raise SampleError(url, skey, f"'{key}' holds NaN or inf")
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SampleError(url, skey, f"json/txt member does not decode ({err})") from None
+    try:
+        pixels = load_image(_image_member(sample), resolution, flip)  # (3, R, R)
+    except SampleError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise SampleError(url, skey, f"image does not decode ({type(err).__name__}: {str(err)[:120]})") from None
     return {
         "__key__": sample["__key__"],
-        "pixel_values": load_image(_image_member(sample), resolution, flip),  # (3, R, R)
+        "pixel_values": pixels,
         "caption": caption,
         "face_embedding": torch.from_numpy(emb),  # (D,)
         "meta": meta,
@@ -247,7 +342,7 @@ def build_dataset(shards: str | list[str], *, resolution: int, embedding_key: st
                   shuffle_buffer: int = 256, seed: int = 0, epoch: int = 0, split_by_node: bool = True,
                   split_by_worker: bool = True, resampled: bool = False, random_flip: bool = False,
                   skip: int = 0, skip_batch_size: int | None = None,
-                  face_crop_size: int | None = None) -> ShardDataset:
+                  embedding_dim: int | None = None, face_crop_size: int | None = None) -> ShardDataset:
     """WebDataset pipeline yielding ``{"__key__", "pixel_values" (3,R,R) in [-1,1], "caption",
     "face_embedding" (D,), "meta"}``; see the module docstring for the stage order.
 
@@ -261,6 +356,9 @@ def build_dataset(shards: str | list[str], *, resolution: int, embedding_key: st
     W > 1 workers pass ``skip_batch_size`` = its batch size: workers hand out whole batches in
     turn, so the skip is split across workers batch by batch. The remaining samples are then
     exactly the ones not yet seen; their interleaving restarts at worker 0.
+
+    ``embedding_dim``: samples whose embedding has another length are skipped (and counted).
+    Skipped shards and samples are counted in ``ds.stats`` and logged with shard and key.
     """
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
@@ -280,20 +378,22 @@ def build_dataset(shards: str | list[str], *, resolution: int, embedding_key: st
         stages.append(wds.split_by_node)
     if split_by_worker and not resampled:
         stages.append(wds.split_by_worker)
-    stages.append(wds.tarfile_to_samples(handler=stats.handler))
+    stages.append(_read_shards(stats))
     stages.append(_shuffle(shuffle_buffer, state))
     if skip > 0:
-        stages.append(_skip(skip, skip_batch_size))
+        stages.append(_skip(skip, skip_batch_size, stats))
 
     def decode(sample: dict) -> dict:
         flip = False
         if random_flip:
             digest = zlib.crc32(sample["__key__"].encode())  # stable across processes, unlike hash(str)
             flip = random.Random(_mix(state.seed, state.epoch, digest)).random() < 0.5
-        out = decode_sample(sample, resolution=resolution, embedding_key=embedding_key, flip=flip)
+        out = decode_sample(sample, resolution=resolution, embedding_key=embedding_key, flip=flip,
+                            embedding_dim=embedding_dim)
         if face_crop_size:
             from .family.clip_image import face_crop_from_sample
             out["face_pixels"] = face_crop_from_sample(_image_member(sample), out["meta"], face_crop_size)
+        out["__skipped__"] = stats.take_unreported()
         return out
 
     stages.append(wds.map(decode, handler=stats.handler))
@@ -312,4 +412,5 @@ def collate(samples: list[dict]) -> dict:
         "meta": [s["meta"] for s in samples],
         **({"face_pixels": torch.stack([s["face_pixels"] for s in samples])}   # (B, 3, S, S) uint8
            if "face_pixels" in samples[0] else {}),
+        "__skipped__": {k: sum(s.get("__skipped__", {}).get(k, 0) for s in samples) for k in SKIP_KINDS},
     }

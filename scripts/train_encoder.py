@@ -37,14 +37,27 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(describe(TrainConfig)))
         return 0
     overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
+    from accord_face.train.errors import user_error
+
     try:
         cfg = load_config(TrainConfig, args.config, overrides)
         result = train(cfg)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"config error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001  (a cause the user can fix: one line, exit 2; else the traceback)
+        line = user_error(err)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(2)  # other ranks may wait in a collective; leave without interpreter teardown
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {result['step']} steps; adapter in {result['adapter']}; outputs in {result['output_dir']}")
+        if result.get("stopped"):
+            print(f"stopped by {result['stopped']} at step {result['step']}: checkpoint saved; rerun the same "
+                  f"command to resume; outputs in {result['output_dir']}")
+        else:
+            print(f"done: {result['step']} steps; adapter in {result['adapter']}; outputs in {result['output_dir']}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Several ranks (notably ZeRO-3 on CPU) sometimes crash in interpreter teardown after all work is
         # done; everything is written and the ranks met at a final barrier, so leave without teardown.

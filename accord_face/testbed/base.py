@@ -28,6 +28,20 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_weights(path: Path):
+    """``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts, never code.
+
+    A file that needs anything else raises ValueError naming it (delete it to rebuild it).
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: refused, not a weights-only file ({' '.join(str(err).split())[:160]}); delete "
+                         "it to rebuild it") from None
+
+
 def base_batch(rng: np.random.Generator, n: int, dropout: float) -> tuple[torch.Tensor, list[str]]:
     """n random base-world scenes (0-2 base shapes, never the target) and captions (some dropped)."""
     scenes = []
@@ -44,7 +58,7 @@ def train_base(cfg: BaseModelConfig, cache: Path) -> T2I:
     final, ckpt_path = cache / "base_model.pt", cache / "base_ckpt.pt"
     model = T2I(cfg.seed)
     if final.exists():
-        model.load_state_dict(torch.load(final, weights_only=True))
+        model.load_state_dict(load_weights(final))
         return model.eval()
     torch.set_num_threads(cfg.threads)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -52,7 +66,7 @@ def train_base(cfg: BaseModelConfig, cache: Path) -> T2I:
     sched = build_scheduler()
     rng, step = np.random.default_rng(cfg.seed), 0
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = load_weights(ckpt_path)  # tensors and plain values only: a crafted pickle is refused, never run
         model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
         step, rng.bit_generator.state = ck["step"], ck["rng"]
         torch.set_rng_state(ck["torch_rng"])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from accord_face.testbed.base import atomic_save
+from accord_face.testbed.base import atomic_save, load_weights
 from accord_face.testbed.config import JudgeConfig
 from accord_face.testbed.world import BG_NAMES, SHAPES, random_scene, render_batch
 
@@ -105,7 +105,7 @@ def train_judge(cfg: JudgeConfig, cache: Path) -> tuple[Judge, dict[str, dict[st
     j = Judge()
     gen = torch.Generator().manual_seed(cfg.seed)
     if path.exists():
-        j.load_state_dict(torch.load(path, weights_only=True))
+        j.load_state_dict(load_weights(path))
     else:
         rng = np.random.default_rng(cfg.seed)
         opt = torch.optim.Adam(j.parameters(), lr=cfg.lr)

@@ -151,6 +151,9 @@ class DebugConfig:
     kill_after_step: Optional[int] = field(None, help="test hook: SIGKILL this process right after this step "
                                                       "(simulates a crash; checkpoints are then resumed)")
     log_sample_keys: bool = field(False, help="write the sample keys each rank consumed to OUTPUT/samples-rankR.jsonl")
+    kill_at: Optional[str] = field(None, help="test hook: SIGKILL at '<point>:<step>[:<rank>]', point one of "
+                                              "backward, save (checkpoint files written, no COMPLETE yet), "
+                                              "export (adapter written, not yet swapped in), finish")
 
 
 @dataclass
@@ -166,7 +169,9 @@ class TrainConfig:
     clip_model: str = field("auto", help="CLIPTextModelWithProjection for PDLoss: hub id, folder, or auto "
                                          "(embedded projection / SDXL text_encoder_2 / openai/clip-vit-large-patch14)")
     recognizer: str = field("auto", help="face recognizer the embeddings came from (auto: the shards' manifest)")
-    resume: str = field("auto", help="auto = newest complete checkpoint in OUTPUT/checkpoints, none, or a tag folder")
+    resume: str = field("auto", help="auto = newest complete checkpoint in OUTPUT/checkpoints (refused when the "
+                                     "stored config differs), force = the same but accept a changed config, none, "
+                                     "or a checkpoint folder")
     export_format: Literal["diffusers", "comfyui"] = field(
         "diffusers", help="diffusers: OUTPUT/adapter for pipe.load_ip_adapter (always written); comfyui: also an "
                           "ip-adapter-faceid*_accord.safetensors for ComfyUI_IPAdapter_plus and tencent's IP-Adapter "

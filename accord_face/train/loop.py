@@ -22,12 +22,15 @@ import torch.distributed as dist
 
 from .. import adapter, export_formats
 from ..config import ConfigError, save_config
-from ..data import build_dataset, collate
+from ..data import build_dataset
 from ..tiny import resolve_pretrained
 from . import checkpoint as ckpt
+from . import guard
 from .config import ShardInfo, TrainConfig, preflight
+from .resume import check_resume, resolved_shards
 from .models import build_model, clip_text_features, compute_dtype, load_frozen_parts, reference_fn
 from .step import compute_losses, prepare_batch
+from .stream import DataError, DataStream
 from .validation import sample_images, save_grid
 from ..family.trainer import adapter_config_fields, attach_family_parts, face_crop_size, validation_clip
 
@@ -39,13 +42,24 @@ __all__ = ["train", "deepspeed_config", "DataStream"]
 def _init_distributed(backend: str) -> None:
     import deepspeed
 
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        # A single process without a launcher (else DeepSpeed tries MPI): a free port, so that two
+        # such runs on one machine do not collide on 29500.
+        os.environ.setdefault("MASTER_PORT", str(guard.free_port()))
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29500"}.items():
-        os.environ.setdefault(key, value)  # a single process without a launcher (else DeepSpeed tries MPI)
+        os.environ.setdefault(key, value)
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        try:
+            deepspeed.init_distributed(dist_backend=backend)
+        except (RuntimeError, OSError) as err:
+            if "EADDRINUSE" in str(err) or "address already in use" in str(err).lower():
+                raise ConfigError(f"rendezvous port {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} is in "
+                                  "use by another run: pass the launcher another --master_port (or set "
+                                  "MASTER_PORT)") from None
+            raise
 
 
 def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
@@ -70,59 +84,34 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
     return ds
 
 
-class DataStream:
-    """Endless micro batches for this rank with a resumable position (epoch, samples consumed in it)."""
-
-    def __init__(self, cfg: TrainConfig, info: ShardInfo, epoch: int = 0, consumed: int = 0):
-        self.cfg, self.info, self.epoch, self.consumed = cfg, info, epoch, consumed
-        self._it = self._open()
-
-    def _open(self):
-        from torch.utils.data import DataLoader
-
-        c = self.cfg
-        ds = build_dataset(self.info.urls, resolution=c.resolution, embedding_key=self.info.embedding_key,
-                           shuffle_buffer=c.data.shuffle_buffer, seed=c.seed, epoch=self.epoch,
-                           resampled=c.data.resampled, random_flip=c.data.random_flip, skip=self.consumed,
-                           skip_batch_size=c.data.micro_batch_size,
-                                 face_crop_size=self.info.face_crop_size)
-        loader = DataLoader(ds, batch_size=c.data.micro_batch_size, collate_fn=collate,
-                            num_workers=c.data.num_workers, drop_last=True)
-        return iter(loader)
-
-    def next(self) -> dict:
-        for attempt in range(2):
-            try:
-                batch = next(self._it)
-                self.consumed += len(batch["__key__"])
-                return batch
-            except StopIteration:
-                if attempt and self.consumed == 0:
-                    break
-                self.epoch, self.consumed = self.epoch + 1, 0
-                self._it = self._open()
-        raise RuntimeError(f"rank {dist.get_rank()} got no complete batch of {self.cfg.data.micro_batch_size} from "
-                           f"{len(self.info.urls)} shard(s) ({self.cfg.shards}): shards are split by rank and "
-                           "worker, so write at least ranks x workers shards, or lower data.micro_batch_size")
-
-    def position(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed}
-
-
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The RNG states as a tensor and plain lists (a weights-only load reads them; numpy's own state
+    object would need unpickling)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(internal), gauss]}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def _gather(obj: Any) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
 
 
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -156,7 +145,8 @@ def _export(engine, cfg, parts, info, out: Path, step: int) -> None:
     with deepspeed.zero.GatheredParameters(model.trainable_parameters(), modifier_rank=None):
         if dist.get_rank() == 0:
             adapter.export_adapter(out / "adapter", model.encoder, model.unet,
-                                   _adapter_info(cfg, parts, info, model, step))
+                                   _adapter_info(cfg, parts, info, model, step),
+                                   before_swap=lambda: _maybe_kill(cfg, "export", step))
             export_formats.after_adapter_export(out / "adapter", cfg.export_format, log.info)
 
 
@@ -165,13 +155,20 @@ def _save(engine, cfg, parts, info, out: Path, step: int, stream: DataStream) ->
     tag = ckpt.tag_for(step)
     client = {"step": step, "data": _gather(stream.position()), "rng": _gather(_rng_state()),
               "world_size": dist.get_world_size()}
-    engine.save_checkpoint(str(root), tag=tag, client_state=client, exclude_frozen_parameters=True)
-    _export(engine, cfg, parts, info, out, step)
+    keep = cfg.checkpoint.keep_last
+    if dist.get_rank() == 0:  # room first: keep_last checkpoints on disk at most, not keep_last + 1
+        ckpt.prune(root, keep - 1 if keep >= 2 else keep, current=tag)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False,
+                           exclude_frozen_parameters=True)
+    _maybe_kill(cfg, "save", step)
     dist.barrier()  # every rank has written its shard of the checkpoint
     if dist.get_rank() == 0:
         ckpt.mark_complete(root / tag, {"step": step, "time": time.time(), "data": client["data"],
                                         "world_size": client["world_size"]})
-        ckpt.prune(root, cfg.checkpoint.keep_last)
+    _export(engine, cfg, parts, info, out, step)
+    if dist.get_rank() == 0:
+        ckpt.prune(root, keep)
     dist.barrier()
 
 
@@ -180,7 +177,8 @@ def _validation_faces(cfg: TrainConfig, info: ShardInfo, parts=None) -> Optional
 
     {"ids": (N, D), "clip": (N, 1, L, H) CLIP face states for FaceID-Plus, else None}."""
     ds = build_dataset(info.urls, resolution=cfg.resolution, embedding_key=info.embedding_key, shuffle_buffer=0,
-                       split_by_node=False, split_by_worker=False, face_crop_size=info.face_crop_size)
+                       split_by_node=False, split_by_worker=False, embedding_dim=cfg.encoder.id_embed_dim,
+                       face_crop_size=info.face_crop_size)
     samples = [s for s, _ in zip(ds, range(cfg.validation.num_faces))]
     if not samples:
         return None
@@ -206,16 +204,62 @@ def _validate(engine, cfg, parts, faces, out: Path, step: int, device) -> Option
 
 
 def _resolved(cfg: TrainConfig, parts, info: ShardInfo) -> TrainConfig:
-    return replace(cfg, pretrained_model_path=parts.path, shards=",".join(os.path.abspath(u) for u in info.urls)
-                   if "," in cfg.shards else os.path.abspath(cfg.shards), recognizer=info.recognizer.get("name") or "auto")
+    return replace(cfg, pretrained_model_path=parts.path, shards=resolved_shards(cfg, info),
+                   recognizer=info.recognizer.get("name") or "auto")
+
+
+def _maybe_kill(cfg: TrainConfig, point: str, step: int) -> None:
+    """Test hook ``debug.kill_at="<point>:<step>[:<rank>]"``: SIGKILL here (a crash, no cleanup)."""
+    spec = cfg.debug.kill_at
+    if spec and spec.split(":")[:2] == [point, str(step)] and \
+            (len(spec.split(":")) < 3 or spec.split(":")[2] == str(dist.get_rank())):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _prepare(cfg: TrainConfig) -> tuple[ShardInfo, Optional[Path], Optional[guard.OutputLock]]:
+    """Everything that can refuse a run before any model loads or process group starts."""
+    info = preflight(cfg)                              # config/shard problems
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    out = Path(cfg.output_dir)
+    lock = None
+    if rank == 0:
+        guard.check_output_dir(out)                   # parent is a file, unwritable: one line, nothing loaded
+        lock = guard.OutputLock(out)                  # a second run in this folder stops here
+    resume_from = check_resume(cfg, info, out, world) if (out / "checkpoints").is_dir() or \
+        cfg.resume not in ("auto", "none", "force") else None
+    return info, resume_from, lock
+
+
+def _finish(engine, cfg, parts, info, faces, out: Path, step: int, stream, device) -> None:
+    """After the last step, or on a rerun of a finished run: what a kill after the final checkpoint lost
+    (the adapter export, the validation grid, the prune)."""
+    if dist.get_rank() == 0:
+        ckpt.prune(out / "checkpoints", cfg.checkpoint.keep_last)
+    done = out / "adapter" / adapter.CONFIG_NAME
+    try:
+        exported = json.loads(done.read_text()).get("train_steps") if done.is_file() else None
+    except (OSError, ValueError):
+        exported = None
+    if _gather(exported)[0] != step:
+        _export(engine, cfg, parts, info, out, step)
+    grid = out / "samples" / f"step-{step:08d}.png"
+    if cfg.validation.enabled and not _gather(grid.is_file())[0]:
+        made = _validate(engine, cfg, parts, faces, out, step, device)
+        if made:
+            log.info("validation grid: %s", made)
+    dist.barrier()
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train the identity encoder; returns {"step", "output_dir", "adapter", "last": {term: value}}."""
+    """Train the identity encoder; returns {"step", "output_dir", "adapter", "last", "skipped", "stopped"}.
+
+    ``stopped``: the signal name when SIGTERM/SIGINT ended the run early (after a checkpoint), else None.
+    """
     import deepspeed
     from tqdm import tqdm
 
-    info = preflight(cfg)                              # fails on config/shard problems before any work
+    info, resume_from, lock = _prepare(cfg)
+    guard.watch_launcher()                             # an orphaned rank stops instead of training on
     _init_distributed(cfg.deepspeed.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if torch.cuda.is_available() else torch.device("cpu")
@@ -223,7 +267,6 @@ def train(cfg: TrainConfig) -> dict:
         torch.cuda.set_device(device)
     dtype = compute_dtype(cfg.deepspeed.precision, device)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -242,38 +285,41 @@ def train(cfg: TrainConfig) -> dict:
     initial = model.trainable_state() if cfg.losses.dd_reference == "frozen_initial" else None
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(),
                                            config=deepspeed_config(cfg, dtype))
+    ckpt.make_loads_safe(engine)                       # checkpoint reads: weights-only, never unpickling
     if initial is not None:
         initial = {k: v.to(device=device, dtype=next(engine.module.parameters()).dtype) for k, v in initial.items()}
     ref = reference_fn(engine.module, initial) if initial is not None else engine
 
     step, position = 0, {"epoch": 0, "consumed": 0}
-    resume_from = ckpt.find_resume(out / "checkpoints", cfg.resume)
     if resume_from is not None:
         _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name, load_module_strict=False)
-        if client["world_size"] != world:
-            raise RuntimeError(f"{resume_from} was written by {client['world_size']} ranks; resume with the same "
-                               f"number (now {world}) or start a new output_dir")
         step, position = client["step"], client["data"][rank]
         _set_rng_state(client["rng"][rank])
         log.info("resumed from %s at step %d (data epoch %d, %d samples in)", resume_from, step,
                  position["epoch"], position["consumed"])
+    metrics_path = out / "metrics.jsonl"
     if rank == 0:
         save_config(_resolved(cfg, parts, info), out / "config.yaml")
-    stream = DataStream(cfg, info, position["epoch"], position["consumed"])
+        dropped = guard.truncate_jsonl(metrics_path, step)  # the steps this run replays get new rows
+        if dropped:
+            log.info("metrics.jsonl: %d row(s) past step %d dropped (they are replayed)", dropped, step)
+    if cfg.debug.log_sample_keys:
+        guard.truncate_jsonl(out / f"samples-rank{rank}.jsonl", step)
+    stream = DataStream(cfg, info, position["epoch"], position["consumed"], position.get("skipped"))
     f_s = clip_text_features(parts, [cfg.losses.superclass_prompt], device)[0] if parts.clip is not None else None
     faces = _validation_faces(cfg, info, parts) if cfg.validation.enabled else None
 
     writer = None
     if rank == 0 and cfg.logging.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "logs"))
+        writer = SummaryWriter(str(out / "logs"), purge_step=step + 1 if step else None)
     keys_log = open(out / f"samples-rank{rank}.jsonl", "a") if cfg.debug.log_sample_keys else None
-    metrics_path = out / "metrics.jsonl"
     gas, global_batch = cfg.optim.gradient_accumulation_steps, cfg.data.micro_batch_size * \
         cfg.optim.gradient_accumulation_steps * world
     bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0 or not cfg.logging.progress, unit="step",
                dynamic_ncols=True)
     last: dict[str, float] = {}
+    stop, stopped = guard.StopFlag(), None
     engine.train()
     while step < cfg.max_steps:
         tic = time.perf_counter()
@@ -287,6 +333,7 @@ def train(cfg: TrainConfig) -> dict:
             sb = prepare_batch(batch, parts, cfg, step, device, dtype)
             terms = compute_losses(engine, sb, parts, cfg, step, f_s=f_s, ref=ref)
             engine.backward(terms["loss"])
+            _maybe_kill(cfg, "backward", step)
             engine.step()
             for k in ("loss", "mse", "dd", "pd"):
                 sums[k] = sums.get(k, 0.0) + float(terms[k].detach()) / gas
@@ -294,6 +341,10 @@ def train(cfg: TrainConfig) -> dict:
             deltas.append(terms["delta"].cpu())
             dts.append(terms["dd_timesteps"].cpu())
         stats = _mean_over_ranks(sums)
+        totals = _sum_over_ranks({**{f"data_{k}s": float(v) for k, v in stream.skipped.items()},
+                                  "stop": 1.0 if stop.requested else 0.0})
+        stop_now = totals.pop("stop") > 0              # any rank got SIGTERM/SIGINT: all stop together
+        stats.update({k: int(v) for k, v in totals.items()})
         stats["dd_ratio"] = float(terms["lambda_dd"]) * stats["dd"] / max(stats["mse"], 1e-12)
         stats["lambda_dd"], stats["lambda_pd"] = float(terms["lambda_dd"]), float(terms["lambda_pd"])
         stats["lr"] = float(engine.get_lr()[0])
@@ -312,7 +363,7 @@ def train(cfg: TrainConfig) -> dict:
         last = stats
         if rank == 0:
             with open(metrics_path, "a") as fh:
-                fh.write(json.dumps({"step": step, **stats}) + "\n")
+                fh.write(guard.json_line({"step": step, **stats}))
             if writer and (step % cfg.logging.every_n_steps == 0 or step == cfg.max_steps):
                 for k, v in stats.items():
                     writer.add_scalar(f"train/{k}", v, step)
@@ -320,19 +371,31 @@ def train(cfg: TrainConfig) -> dict:
                             sps=f"{stats['samples_per_s']:.1f}")
             bar.update(1)
         ck_every = cfg.checkpoint.every_n_steps  # 0 = only at the end
-        if (ck_every and step % ck_every == 0) or step == cfg.max_steps:
+        if (ck_every and step % ck_every == 0) or step == cfg.max_steps or stop_now:
             _save(engine, cfg, parts, info, out, step, stream)
+        if stop_now:
+            stopped = stop.requested or "signal"
+            log.warning("stopped at step %d by %s: checkpoint %s saved; rerun the same command to resume", step,
+                        stopped, out / "checkpoints" / ckpt.tag_for(step))
+            break
         v_every = cfg.validation.every_n_steps
-        if (v_every and step % v_every == 0) or step == cfg.max_steps:
+        if v_every and step % v_every == 0 and step != cfg.max_steps:
             grid = _validate(engine, cfg, parts, faces, out, step, device)
             if grid:
                 log.info("validation grid: %s", grid)
         if cfg.debug.kill_after_step is not None and step == cfg.debug.kill_after_step:
             os.kill(os.getpid(), signal.SIGKILL)       # test hook: a crash, no cleanup
     bar.close()
+    stop.restore()
+    if stopped is None:
+        _maybe_kill(cfg, "finish", step)
+        _finish(engine, cfg, parts, info, faces, out, step, stream, device)
     if writer:
         writer.close()
     if keys_log:
         keys_log.close()
     dist.barrier()
-    return {"step": step, "output_dir": str(out), "adapter": str(out / "adapter"), "last": last}
+    if lock:
+        lock.release()
+    return {"step": step, "output_dir": str(out), "adapter": str(out / "adapter"), "last": last,
+            "skipped": dict(stream.skipped), "stopped": stopped}
