@@ -18,7 +18,7 @@ from ..encoder import needs_clip
 
 log = logging.getLogger("accord_face.train")
 
-__all__ = ["attach_family_parts", "face_crop_size", "adapter_config_fields", "validation_clip"]
+__all__ = ["attach_family_parts", "face_crop_size", "adapter_config_fields", "validation_clip", "identity_lora_writer"]
 
 
 def attach_family_parts(cfg, parts, info, device: torch.device, dtype: torch.dtype, rank: int = 0):
@@ -55,6 +55,11 @@ def adapter_config_fields(cfg, parts) -> dict:
     """Fields ``accord-face generate`` needs to drive each member through diffusers."""
     e = cfg.encoder
     out = {"encoder": e.kind, "num_photos": e.num_photos}
+    if cfg.lora.rank > 0:
+        from .identity_lora import LORA_WEIGHTS
+
+        out["identity_lora"] = {"weight_name": LORA_WEIGHTS, "rank": cfg.lora.rank,
+                                "alpha": cfg.lora.alpha or cfg.lora.rank, "targets": list(cfg.lora.targets)}
     if needs_clip(e.kind):
         out.update(image_encoder_path=e.image_encoder_path, image_encoder_subfolder=e.image_encoder_subfolder,
                    clip_image_size=parts.image_encoder.image_size, shortcut=e.kind == "faceid_plusv2",
@@ -68,3 +73,12 @@ def validation_clip(parts, crops: Optional[torch.Tensor]) -> Optional[torch.Tens
     if crops is None or getattr(parts, "image_encoder", None) is None:
         return None
     return parts.image_encoder(crops).float()[:, None]
+
+
+def identity_lora_writer(unet, is_sdxl: bool):
+    """``export_adapter(extra=...)``: writes the identity LoRA into the adapter folder, or None without one."""
+    from .identity_lora import has_identity_lora, save_identity_lora
+
+    if not has_identity_lora(unet):
+        return None
+    return lambda folder: save_identity_lora(folder, unet, is_sdxl)

@@ -47,6 +47,21 @@ class EncoderConfig:
 
 
 @dataclass
+class IdentityLoraSection:
+    rank: int = field(0, help="identity LoRA on the UNet, trained jointly with the adapter (0 = off; the released "
+                              "FaceID / Plus / Plus-V2 models use 128)")
+    alpha: float = field(0.0, help="LoRA alpha; 0 = rank (scale 1, as the reference LoRALinearLayer)")
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+                               help="UNet attention projections (peft target_modules, self- and cross-attention)")
+
+    def validate(self) -> None:
+        if self.rank < 0 or self.alpha < 0:
+            raise ValueError("lora.rank and lora.alpha must be >= 0")
+        if self.rank and not self.targets:
+            raise ValueError("lora.targets is empty: name the UNet modules to adapt (e.g. [to_q, to_k, to_v, to_out.0])")
+
+
+@dataclass
 class DataConfig:
     micro_batch_size: int = field(4, help="samples per rank per forward")
     num_workers: int = field(0, help="DataLoader workers per rank (shards are split by worker too)")
@@ -177,6 +192,8 @@ class TrainConfig:
                           "ip-adapter-faceid*_accord.safetensors for ComfyUI_IPAdapter_plus and tencent's IP-Adapter "
                           "(needs 512-d arcface embeddings, hidden_dim 1024, 4 or 16 tokens)")
     encoder: EncoderConfig = field(default_factory=EncoderConfig, help="identity encoder")
+    lora: IdentityLoraSection = field(default_factory=IdentityLoraSection,
+                                      help="identity LoRA trained in the same engine (FaceID's released recipe)")
     data: DataConfig = field(default_factory=DataConfig, help="shard reading")
     dropout: DropoutConfig = field(default_factory=DropoutConfig, help="condition dropout")
     losses: LossConfig = field(default_factory=LossConfig, help="ACCORD losses")

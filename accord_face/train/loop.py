@@ -32,7 +32,8 @@ from .models import build_model, clip_text_features, compute_dtype, load_frozen_
 from .step import compute_losses, prepare_batch
 from .stream import DataError, DataStream
 from .validation import sample_images, save_grid
-from ..family.trainer import adapter_config_fields, attach_family_parts, face_crop_size, validation_clip
+from ..family.trainer import (adapter_config_fields, attach_family_parts, face_crop_size, identity_lora_writer,
+                              validation_clip)
 
 log = logging.getLogger("accord_face.train")
 
@@ -146,7 +147,8 @@ def _export(engine, cfg, parts, info, out: Path, step: int) -> None:
         if dist.get_rank() == 0:
             adapter.export_adapter(out / "adapter", model.encoder, model.unet,
                                    _adapter_info(cfg, parts, info, model, step),
-                                   before_swap=lambda: _maybe_kill(cfg, "export", step))
+                                   before_swap=lambda: _maybe_kill(cfg, "export", step),
+                                   extra=identity_lora_writer(model.unet, parts.is_sdxl))
             export_formats.after_adapter_export(out / "adapter", cfg.export_format, log.info)
 
 

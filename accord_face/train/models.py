@@ -213,7 +213,13 @@ def build_model(cfg: TrainConfig, parts: FrozenParts) -> IdentityAdapterModel:
                             num_tokens=cfg.encoder.num_tokens, hidden_dim=cfg.encoder.hidden_dim,
                             clip_dim=parts.image_encoder.hidden_size if parts.image_encoder is not None else 1280,
                             s_scale=cfg.encoder.s_scale)
-    return IdentityAdapterModel(unet, encoder, cfg.encoder.num_tokens, cfg.encoder.ip_scale)
+    model = IdentityAdapterModel(unet, encoder, cfg.encoder.num_tokens, cfg.encoder.ip_scale)
+    if cfg.lora.rank > 0:                      # after the IP processors: their to_k_ip / to_v_ip stay LoRA-free
+        from ..family.identity_lora import add_identity_lora
+
+        torch.manual_seed(cfg.seed + 1)
+        add_identity_lora(model.unet, cfg.lora.rank, cfg.lora.alpha or None, cfg.lora.targets)
+    return model
 
 
 @torch.no_grad()
