@@ -38,7 +38,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-__all__ = ["list_shards", "read_manifest", "build_dataset", "collate", "ShardDataset", "ReadStats",
+__all__ = ["list_shards", "read_manifest", "build_dataset", "collate", "pixels_to_unit_range", "ShardDataset", "ReadStats",
            "decode_sample", "SampleError", "SKIP_KINDS", "MANIFEST_NAME"]
 
 MANIFEST_NAME = "manifest.json"
@@ -252,8 +252,11 @@ def _find_embedding_key(sample: dict) -> str:
 PICKLE_MEMBERS = ("pyd", "pickle", "pkl", "pth", "pt", "ckpt")
 
 
-def load_image(data: bytes, resolution: int, flip: bool = False) -> torch.Tensor:
-    """JPEG bytes -> (3, R, R) float tensor in [-1, 1] (shorter side resized to R, centre crop)."""
+def load_image(data: bytes, resolution: int, flip: bool = False, as_uint8: bool = False) -> torch.Tensor:
+    """JPEG bytes -> (3, R, R) float tensor in [-1, 1] (shorter side resized to R, centre crop).
+
+    ``as_uint8``: the (3, R, R) uint8 pixels instead; ``pixels_to_unit_range`` gives the float
+    tensor from them bit for bit (a quarter of the bytes through DataLoader worker IPC)."""
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")
         w, h = im.size
@@ -266,8 +269,13 @@ def load_image(data: bytes, resolution: int, flip: bool = False) -> torch.Tensor
         if flip:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         arr = np.asarray(im, dtype=np.uint8)  # (R, R, 3)
-    tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()  # (3, R, R)
-    return tensor / 127.5 - 1.0
+    tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, R, R) uint8
+    return tensor if as_uint8 else pixels_to_unit_range(tensor)
+
+
+def pixels_to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape) -> float32 in [-1, 1]: p / 127.5 - 1; float input is returned as it is."""
+    return pixels.float() / 127.5 - 1.0 if pixels.dtype == torch.uint8 else pixels
 
 
 def _image_member(sample: dict) -> bytes:
@@ -278,8 +286,10 @@ def _image_member(sample: dict) -> bytes:
 
 
 def decode_sample(sample: dict, *, resolution: int, embedding_key: str | None = None,
-                  flip: bool = False, embedding_dim: int | None = None) -> dict:
+                  flip: bool = False, embedding_dim: int | None = None, pixels_uint8: bool = False) -> dict:
     """Raw shard sample (bytes per member) -> training dict, with explicit decoders only.
+
+    ``pixels_uint8``: ``pixel_values`` stay uint8 (3, R, R); ``pixels_to_unit_range`` converts them.
 
     Raises SampleError (naming shard and key) for a missing member, an image or ``.npy`` that does
     not decode (pickled ``.npy`` arrays are refused: ``allow_pickle=False``), an embedding that is not
@@ -308,7 +318,7 @@ def decode_sample(sample: dict, *, resolution: int, embedding_key: str | None = 
     except (ValueError, UnicodeDecodeError) as err:
         raise SampleError(url, skey, f"json/txt member does not decode ({err})") from None
     try:
-        pixels = load_image(_image_member(sample), resolution, flip)  # (3, R, R)
+        pixels = load_image(_image_member(sample), resolution, flip, as_uint8=pixels_uint8)  # (3, R, R)
     except SampleError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -342,7 +352,8 @@ def build_dataset(shards: str | list[str], *, resolution: int, embedding_key: st
                   shuffle_buffer: int = 256, seed: int = 0, epoch: int = 0, split_by_node: bool = True,
                   split_by_worker: bool = True, resampled: bool = False, random_flip: bool = False,
                   skip: int = 0, skip_batch_size: int | None = None,
-                  embedding_dim: int | None = None, face_crop_size: int | None = None) -> ShardDataset:
+                  embedding_dim: int | None = None, face_crop_size: int | None = None,
+                  pixels_uint8: bool = False) -> ShardDataset:
     """WebDataset pipeline yielding ``{"__key__", "pixel_values" (3,R,R) in [-1,1], "caption",
     "face_embedding" (D,), "meta"}``; see the module docstring for the stage order.
 
@@ -358,6 +369,9 @@ def build_dataset(shards: str | list[str], *, resolution: int, embedding_key: st
     exactly the ones not yet seen; their interleaving restarts at worker 0.
 
     ``embedding_dim``: samples whose embedding has another length are skipped (and counted).
+
+    ``pixels_uint8``: ``pixel_values`` as uint8 (3, R, R), converted to [-1, 1] on the training device
+    (``pixels_to_unit_range``; the trainer does this): 4x fewer bytes from DataLoader workers.
     Skipped shards and samples are counted in ``ds.stats`` and logged with shard and key.
     """
     if resolution <= 0:
@@ -389,7 +403,7 @@ def build_dataset(shards: str | list[str], *, resolution: int, embedding_key: st
             digest = zlib.crc32(sample["__key__"].encode())  # stable across processes, unlike hash(str)
             flip = random.Random(_mix(state.seed, state.epoch, digest)).random() < 0.5
         out = decode_sample(sample, resolution=resolution, embedding_key=embedding_key, flip=flip,
-                            embedding_dim=embedding_dim)
+                            embedding_dim=embedding_dim, pixels_uint8=pixels_uint8)
         if face_crop_size:
             from .family.clip_image import face_crop_from_sample
             out["face_pixels"] = face_crop_from_sample(_image_member(sample), out["meta"], face_crop_size)

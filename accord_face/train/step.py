@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import losses
+from ..data import pixels_to_unit_range
 from .config import TrainConfig
 from .models import PD_MAPPINGS, FrozenParts, clip_text_features, encode_text_with_features, sdxl_time_ids, \
     superclass_features
@@ -78,7 +79,8 @@ def prepare_batch(batch: dict, parts: FrozenParts, cfg: TrainConfig, step: int, 
                   dtype: torch.dtype) -> StepBatch:
     """VAE latents, per-sample noise / t / dropout, text states; all under no_grad."""
     keys, captions = list(batch["__key__"]), list(batch["caption"])
-    pixels = batch["pixel_values"].to(device=device, dtype=parts.vae.dtype)          # (B, 3, R, R)
+    # uint8 from the loader (or float in [-1, 1]) -> [-1, 1] on the device, then the VAE's dtype
+    pixels = pixels_to_unit_range(batch["pixel_values"].to(device)).to(parts.vae.dtype)  # (B, 3, R, R)
     dist = parts.vae.encode(pixels).latent_dist
     T = parts.scheduler.config.num_train_timesteps
     gens = [sample_generator(cfg.seed, step, k) for k in keys]

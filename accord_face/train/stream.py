@@ -32,7 +32,8 @@ class DataStream:
                                  shuffle_buffer=c.data.shuffle_buffer, seed=c.seed, epoch=self.epoch,
                                  resampled=c.data.resampled, random_flip=c.data.random_flip, skip=self.consumed,
                                  skip_batch_size=c.data.micro_batch_size, embedding_dim=c.encoder.id_embed_dim,
-                                 face_crop_size=self.info.face_crop_size)
+                                 face_crop_size=self.info.face_crop_size,
+                                 pixels_uint8=True)  # to [-1, 1] on the device (prepare_batch): 4x less IPC
         loader = DataLoader(self._ds, batch_size=c.data.micro_batch_size, collate_fn=collate,
                             num_workers=c.data.num_workers, drop_last=True)
         return iter(loader)
