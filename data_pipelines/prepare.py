@@ -154,9 +154,12 @@ def input_plan(cfg: PrepareConfig) -> tuple[list[str] | None, Iterator[InputItem
 
         return None, iter_folder(write_embedded_photos(embedded_photos_dir()))
     if is_shard_input(cfg.input):
-        from accord_face.data import list_shards
+        from .remote import expand_inputs, require_pyarrow
 
-        return list_shards(cfg.input), None
+        urls = expand_inputs(cfg.input)
+        if any(u.endswith(".parquet") for u in urls):
+            require_pyarrow(f"--input {cfg.input!r}")
+        return urls, None
     if not Path(cfg.input).is_dir():
         raise FileNotFoundError(f"--input {cfg.input!r} is neither a folder of photos nor shards "
                                 "(a .tar, a folder of .tar, a glob or a brace pattern)")

@@ -30,6 +30,7 @@ class InputItem:
     caption: str | None = None
     skip: Skip | None = None  # already known to be bad (e.g. unreadable shard)
     person_id: str | None = None  # identity label (FaceID-Portrait groups): folder per person or metadata
+    url: str | None = None  # where the photo was downloaded from (img2dataset json / parquet), kept in the json
 
     @property
     def key(self) -> str:
@@ -102,11 +103,23 @@ def iter_folder(root: str | os.PathLike, exclude: str | os.PathLike | None = Non
 
 
 def iter_shards(urls: list[str]) -> Iterator[InputItem]:
-    """Samples of existing tar shards: the first image member (jpg, png, webp...) and ``txt``."""
+    """Samples of existing shards (local paths or fsspec urls): tars (the first image member: jpg, png,
+    webp...; ``txt``, else the caption of img2dataset's parquet beside the tar, else the json's), or
+    img2dataset parquet shards (``jpg`` column)."""
+    from . import remote
+
     for url in urls:
-        name = os.path.basename(url)
+        name = remote.shard_name(url)
+        if url.endswith(".parquet"):
+            yield from _iter_parquet_shard(url, name)
+            continue
         try:
-            with tarfile.open(url, mode="r|*") as tar:
+            side = remote.parquet_metadata(url)
+        except Exception as err:  # noqa: BLE001 - a broken metadata file must not hide the images
+            log.warning("%s: parquet metadata unreadable (%s); using the tar's own captions", url, err)
+            side = {}
+        try:
+            with remote.open_binary(url) as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
                 group: dict[str, bytes] = {}
                 current = None
                 for member in tar:
@@ -116,14 +129,39 @@ def iter_shards(urls: list[str]) -> Iterator[InputItem]:
                     stem, _, ext = base.partition(".")
                     key = os.path.join(os.path.dirname(member.name), stem)
                     if key != current and current is not None:
-                        yield _shard_item(name, current, group)
+                        yield _with_side(_shard_item(name, current, group), side.get(current))
                         group = {}
                     current = key
                     group[ext.lower()] = tar.extractfile(member).read()
                 if current is not None:
-                    yield _shard_item(name, current, group)
+                    yield _with_side(_shard_item(name, current, group), side.get(current))
         except (tarfile.TarError, OSError, EOFError) as err:
             yield InputItem(source=f"{name}:<unreadable>", skip=Skip("unreadable_shard", f"{url}: {err}"))
+
+
+def _with_side(item: InputItem, side: dict | None) -> InputItem:
+    """Fill a tar sample's missing caption / url from img2dataset's parquet metadata row."""
+    if side:
+        item.caption = item.caption or (str(side["caption"]).strip() if side.get("caption") else None)
+        item.url = item.url or side.get("url")
+    return item
+
+
+def _iter_parquet_shard(url: str, name: str) -> Iterator[InputItem]:
+    from . import remote
+
+    try:
+        for row in remote.iter_parquet_rows(url):
+            source = f"{name}:{row['key']}"
+            if not row["jpg"]:
+                yield InputItem(source=source, skip=Skip("no_image_member", "parquet row without jpg bytes "
+                                                                           "(not downloaded)"))
+                continue
+            person = row.get("person_id")
+            yield InputItem(source=source, data=bytes(row["jpg"]), caption=row["caption"], url=row["url"],
+                            person_id=str(person) if person not in (None, "") else None)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises its own errors on a corrupt file
+        yield InputItem(source=f"{name}:<unreadable>", skip=Skip("unreadable_shard", f"{url}: {err}"))
 
 
 def _shard_item(shard: str, key: str, group: dict[str, bytes]) -> InputItem:
@@ -143,7 +181,8 @@ def _shard_item(shard: str, key: str, group: dict[str, bytes]) -> InputItem:
         caption = meta.get("caption") or None
     person = meta.get("person_id")
     return InputItem(source=source, data=image, caption=caption,
-                     person_id=str(person) if person not in (None, "") else None)
+                     person_id=str(person) if person not in (None, "") else None,
+                     url=str(meta["url"]) if meta.get("url") else None)
 
 
 def tag_person(sample: dict, person_id: str | None) -> dict:
@@ -155,12 +194,22 @@ def tag_person(sample: dict, person_id: str | None) -> dict:
     return sample
 
 
+def tag_url(sample: dict, url: str | None) -> dict:
+    """Record the download url in a processed sample's json member (in place; no url: unchanged)."""
+    if url is not None and isinstance(sample, dict) and "json" in sample:
+        meta = json.loads(sample["json"])
+        meta["url"] = url
+        sample["json"] = json.dumps(meta).encode("utf-8")
+    return sample
+
+
 def is_shard_input(spec: str) -> bool:
-    """True for a .tar path, a glob / brace pattern, or a folder holding *.tar and no photos."""
-    if spec.endswith(".tar") or any(ch in spec for ch in "*?[{"):
+    """True for a .tar / .parquet path, an fsspec url, a glob / brace pattern, or a folder holding
+    *.tar or *.parquet and no photos."""
+    if spec.endswith((".tar", ".parquet")) or "://" in spec or any(ch in spec for ch in "*?[{"):
         return True
     path = Path(spec)
     if path.is_dir():
         names = [p.suffix.lower() for p in path.iterdir() if p.is_file()]
-        return ".tar" in names and not any(n in IMAGE_EXTENSIONS for n in names)
+        return bool({".tar", ".parquet"} & set(names)) and not any(n in IMAGE_EXTENSIONS for n in names)
     return False

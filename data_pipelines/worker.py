@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from .images import Skip, process_batch, process_item
-from .sources import InputItem, tag_person
+from .sources import InputItem, tag_person, tag_url
 
 WORKER_STATE: dict[str, Any] = {}  # per worker process: the analyzer and the ProcessSettings
 
@@ -77,7 +77,7 @@ def work(item: InputItem) -> tuple[str, dict | Skip, dict]:
     except Exception as err:  # a model / OpenCV failure on one odd image must not stop the run
         return item.source, Skip("analysis_error", f"{type(err).__name__}: {str(err)[:300]}"), {}
     times["decode"] = times.get("decode", 0.0) + read
-    return item.source, tag_person(result, item.person_id), times
+    return item.source, tag_url(tag_person(result, item.person_id), item.url), times
 
 
 def _read(item: InputItem) -> bytes | Skip:
@@ -117,5 +117,5 @@ def work_batch(items: list[InputItem]) -> list[tuple[str, dict | Skip, dict]]:
             continue
         result, times = results[j]
         times["decode"] = times.get("decode", 0.0) + read
-        out[i] = (items[i].source, tag_person(result, items[i].person_id), times)
+        out[i] = (items[i].source, tag_url(tag_person(result, items[i].person_id), items[i].url), times)
     return [out[i] for i in range(len(items))]
