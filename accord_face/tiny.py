@@ -127,11 +127,11 @@ def _apply_bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[st
     return symbols
 
 
-def make_tokenizer(max_length: int = 77):
-    """A ``CLIPTokenizer`` over ``tokenizer_vocab()``, built without any file."""
+def make_tokenizer(max_length: int = 77, words=VOCAB_WORDS):
+    """A ``CLIPTokenizer`` over ``tokenizer_vocab(words)``, built without any file."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = tokenizer_vocab()
+    vocab, merges = tokenizer_vocab(words)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
@@ -242,11 +242,16 @@ def ensure_pipeline(size: str = "tiny", seed: int = 0, root: str | os.PathLike |
 
 
 def resolve_pretrained(name_or_path: str, root: str | os.PathLike | None = None) -> str:
-    """``embedded:<size>[:<seed>]`` -> local folder (built on first use); anything else unchanged."""
+    """``embedded:<size>[:<seed>]`` or ``embedded:faces`` -> local folder (built on first use); anything else
+    unchanged."""
     if not name_or_path.startswith(EMBEDDED_PREFIX):
         return name_or_path
     parts = name_or_path[len(EMBEDDED_PREFIX):].split(":")
     size = parts[0] or "tiny"
+    if size == "faces":  # the identity world's trained pipeline (accord_face.world), from the committed assets
+        from .world.assemble import ensure_world_pipeline
+
+        return str(ensure_world_pipeline(root))
     try:
         seed = int(parts[1]) if len(parts) > 1 else 0
     except ValueError:

@@ -23,7 +23,46 @@ from . import checkpoint as ckpt
 from .config import ShardInfo, TrainConfig
 from .guard import config_changes
 
-__all__ = ["check_resume", "comparable", "resolved_shards"]
+__all__ = ["check_resume", "check_pretrained", "comparable", "resolved_shards"]
+
+
+def check_pretrained(name: str, key: str = "pretrained_model") -> None:
+    """Refuse, before anything loads, a base model that cannot load: an unknown ``embedded:`` size, a
+    folder without ``model_index.json``, or a hub id while offline (``HF_HUB_OFFLINE=1``)."""
+    from ..tiny import EMBEDDED_PREFIX, SIZES
+
+    if name.startswith(EMBEDDED_PREFIX):
+        size, _, seed = name[len(EMBEDDED_PREFIX):].partition(":")
+        if size == "faces":  # the identity world: its trained weights must be there
+            from ..world.assemble import WorldMissingError, read_record
+
+            try:
+                read_record()
+            except WorldMissingError as err:
+                raise ConfigError(f"'{key}': {err}") from None
+            return
+        if (size or "tiny") not in SIZES:
+            raise ConfigError(f"'{key}': {name!r} names no embedded size; use embedded:<size> with size one of "
+                              f"{sorted(SIZES)}, or embedded:faces")
+        if seed and not seed.lstrip("-").isdigit():
+            raise ConfigError(f"'{key}': {name!r}: the seed after the size must be an integer")
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(f"'{key}': {path} is not a diffusers pipeline folder (no model_index.json); "
+                              "point it at a saved pipeline, a hub id, or embedded:tiny")
+        return
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_local:
+        raise ConfigError(f"'{key}': {name} does not exist; point it at a saved pipeline folder, a hub id "
+                          "(org/name) or embedded:tiny")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if try_to_load_from_cache(name, "model_index.json") is None:
+            raise ConfigError(f"'{key}': {name} is a hub id, not in the local hub cache, and HF_HUB_OFFLINE=1 "
+                              "forbids downloading it; download it once online or use a local folder")
 
 
 def resolved_shards(cfg: TrainConfig, info: ShardInfo) -> str:
@@ -57,6 +96,7 @@ def check_resume(cfg: TrainConfig, info: ShardInfo, out: Path, world: int) -> Op
     if folder is None:
         return None
     marker = ckpt.verify(folder)
+    ckpt.scan(folder)                      # a crafted pickle is refused here, before any model loads
     ranks = marker.get("world_size")
     if ranks is not None and int(ranks) != world:
         raise ConfigError(f"{folder} was written by {ranks} rank(s), this run has {world}: resume with {ranks} "

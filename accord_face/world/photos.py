@@ -1,0 +1,76 @@
+"""World photos on disk, in the layout ``scripts/prepare_shards.py`` reads.
+
+``write_training_photos``: PNG files with a ``metadata.jsonl`` (file name, caption,
+``person_id``), identities from the training split. ``write_reference_photos``: one
+reference photo per held-out identity (a loose photo is one identity for
+``accord-face evaluate``) and ``references.json`` with each one's context.
+Both are resumable: a photo already on disk is kept (names are deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .render import HELD_OUT_START, Context, caption, random_context, render
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    if path.is_file():
+        return
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    Image.fromarray(image).save(tmp)
+    os.replace(tmp, path)
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+ContextFn = Callable[[int, int, np.random.Generator], Context]
+
+
+def write_training_photos(folder: str | os.PathLike, identities: Iterable[int], photos_per_identity: int,
+                          seed: int = 0, context_fn: ContextFn | None = None, progress: bool = True) -> Path:
+    """``photos_per_identity`` photos of each identity; ``context_fn(identity, photo, rng)`` picks the context
+    (default: uniformly random). Captions name the context truthfully and in full."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = list(identities)
+    if any(i >= HELD_OUT_START for i in ids):
+        raise ValueError(f"training photos must come from training identities (< {HELD_OUT_START})")
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in tqdm(ids, desc="world photos", disable=not progress, mininterval=10):
+        for j in range(photos_per_identity):
+            ctx = context_fn(i, j, rng) if context_fn else random_context(rng)
+            name = f"p{i:04d}_{j:02d}.png"
+            _save_png(render(i, ctx, seed * 1_000 + j).image, folder / name)
+            lines.append(json.dumps({"file_name": name, "caption": caption(ctx), "person_id": f"p{i:04d}"}))
+    _write_lines(folder / "metadata.jsonl", lines)
+    return folder
+
+
+def write_reference_photos(folder: str | os.PathLike, n_identities: int, seed: int = 0,
+                           first: int = HELD_OUT_START) -> dict[str, dict]:
+    """One reference photo per held-out identity ``first .. first + n - 1``, each in a random context A.
+    Returns (and writes to ``references.json``) {name: {"identity", "file", "context"}}."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(10_000 + seed)
+    refs = {}
+    for i in range(first, first + n_identities):
+        ctx = random_context(rng)
+        name = f"h{i:04d}"
+        _save_png(render(i, ctx, 50_000 + seed).image, folder / f"{name}.png")
+        refs[name] = {"identity": i, "file": f"{name}.png", "context": ctx.attributes()}
+    _write_lines(folder / "references.json", [json.dumps(refs, indent=1)])
+    return refs
