@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     _from_config(p, G, "--device", "device")
     _from_config(p, G, "--face-backend", "face_backend")
     _from_config(p, G, "--face-model-root", "face_model_root")
+    _from_config(p, G, "--clip-image-encoder", "clip_image_encoder")
+    _from_config(p, G, "--s-scale", "s_scale", type=float)
     _from_config(p, G, "--out", "out")
     p.set_defaults(func=cmd_generate)
 

@@ -51,8 +51,14 @@ class GenerateConfig:
                                               "ip_adapter.safetensors + adapter_config.json)")
     lora: Optional[str] = field(None, help="exported LoRA folder (the LoRA trainer's OUTPUT/lora), alone or with "
                                            "an adapter")
-    lora_scale: float = field(1.0, help="LoRA strength (0 = the base model)")
-    faces: list[str] = field(default_factory=list, help="reference photo(s) of ONE person; embeddings are averaged")
+    lora_scale: float = field(1.0, help="LoRA strength (0 = the base model); also the adapter's identity LoRA "
+                                        "(pytorch_lora_weights.safetensors in the adapter folder)")
+    faces: list[str] = field(default_factory=list, help="reference photo(s) of ONE person; embeddings are averaged "
+                                                        "(Portrait: one embedding per photo; Plus: the first photo "
+                                                        "also gives the CLIP face crop)")
+    clip_image_encoder: Optional[str] = field(None, help="FaceID-Plus: CLIP vision tower (hub id or folder); "
+                                                         "default: the adapter's recorded image_encoder_path")
+    s_scale: Optional[float] = field(None, help="FaceID-Plus-V2 shortcut weight; default: the trained value")
     prompts: list[str] = field(default_factory=list, help="text prompts; each gets num_images images")
     negative_prompt: str = field("", help="negative prompt for classifier-free guidance")
     pretrained: Optional[str] = field(None, help="base model (hub id, folder or embedded:<size>); "
@@ -219,7 +225,8 @@ class FaceIDGenerator:
 
     def __init__(self, adapter_dir: str | os.PathLike | None, pretrained: Optional[str] = None,
                  device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-                 lora: str | os.PathLike | None = None, lora_scale: float = 1.0):
+                 lora: str | os.PathLike | None = None, lora_scale: float = 1.0,
+                 clip_image_encoder: Optional[str] = None, s_scale: Optional[float] = None):
         from diffusers import DiffusionPipeline
 
         self.adapter_dir = str(adapter_dir) if adapter_dir else None
@@ -234,11 +241,19 @@ class FaceIDGenerator:
         except (OSError, ValueError) as err:
             raise GenerateError(f"cannot load base model {self.base_model!r}: {str(err).splitlines()[0]} "
                                 "(pass --pretrained ID_OR_DIR, or run once with network access)") from None
+        from .family.generation import FamilyDriver
+        from .family.identity_lora import ADAPTER_NAME, load_identity_lora
+
+        self.family, self.identity_lora = None, False      # FaceID family member driver; adapter's identity LoRA
         if self.adapter_dir:
             if not hasattr(pipe, "load_ip_adapter"):
                 raise GenerateError(f"{type(pipe).__name__} ({self.base_model}) does not support IP-Adapters")
             self.check_base(pipe)
+            # The identity LoRA first: loaded after a FaceID-Plus adapter, peft's name matching would also wrap
+            # the resampler's attention projections (with zero LoRA weights: harmless, but noisy).
+            self.identity_lora = load_identity_lora(pipe, self.adapter_dir, lora_scale)
             pipe.load_ip_adapter(self.adapter_dir, subfolder="", weight_name=WEIGHT_NAME, image_encoder_folder=None)
+            self.family = FamilyDriver(self.adapter_cfg, self.device, self.dtype, clip_image_encoder, s_scale)
         if self.lora_dir:
             from .lora.export import load_into_pipeline
 
@@ -248,6 +263,8 @@ class FaceIDGenerator:
                 raise GenerateError(f"--lora {self.lora_dir} does not fit {self.base_model}: "
                                     f"{str(err).splitlines()[0][:200]}; pass the base it was trained on "
                                     "with --pretrained") from None
+        if self.identity_lora and self.lora_dir:        # both LoRAs active (set_adapters keeps only those named)
+            pipe.set_adapters([ADAPTER_NAME, "lora"], adapter_weights=[lora_scale, lora_scale])
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
         self.is_sdxl = "XL" in type(pipe).__name__
@@ -286,8 +303,13 @@ class FaceIDGenerator:
         embeds = None
         if self.adapter_dir:
             self.pipe.set_ip_adapter_scale(scale)
-            emb = torch.as_tensor(np.asarray(embedding, np.float32)).reshape(1, -1).repeat(len(prompts), 1)  # (N, D)
+            emb = torch.as_tensor(np.asarray(embedding, np.float32))
+            if self.family.kind != "faceid":
+                emb = emb.reshape(-1, emb.shape[-1])   # (n, D): one identity, n photos (Portrait) or 1 (Plus)
+            elif emb.ndim == 1:
+                emb = emb.reshape(1, -1).repeat(len(prompts), 1)                                    # (N, D)
             embeds = identity_image_embeds(emb, guidance > 1.0, dtype=self.dtype, device=self.device)   # [(2N, 1, D)]
+            self.family.before_call(self.pipe, len(prompts), guidance > 1.0)
         out = self.pipe(prompt=list(prompts), negative_prompt=[negative_prompt] * len(prompts) if negative_prompt
                         else None, ip_adapter_image_embeds=embeds, num_inference_steps=steps,
                         guidance_scale=guidance, num_images_per_prompt=1, height=size, width=size,
@@ -299,7 +321,8 @@ class FaceIDGenerator:
                 "pipeline": type(self.pipe).__name__, "device": self.device, "dtype": str(self.dtype),
                 "recognizer": self.adapter_cfg.get("recognizer"), "adapter_format": self.adapter_cfg.get("format"),
                 "adapter_train_steps": self.adapter_cfg.get("train_steps"), "lora": self.lora_dir,
-                "lora_scale": self.lora_scale if self.lora_dir else None}
+                "lora_scale": self.lora_scale if self.lora_dir or self.identity_lora else None,
+                "identity_lora": self.identity_lora, **(self.family.describe() if self.family else {})}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -364,7 +387,14 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     if cfg.adapter:
         analyzer = make_face_analyzer(read_adapter_config(cfg.adapter), cfg.face_backend, cfg.face_model_root)
         embedding, photo_notes = identity_embedding(analyzer, cfg.faces)
-    gen = FaceIDGenerator(cfg.adapter, cfg.pretrained, cfg.device, lora=cfg.lora, lora_scale=cfg.lora_scale)
+    gen = FaceIDGenerator(cfg.adapter, cfg.pretrained, cfg.device, lora=cfg.lora, lora_scale=cfg.lora_scale,
+                          clip_image_encoder=cfg.clip_image_encoder, s_scale=cfg.s_scale)
+    if gen.family is not None and (gen.family.kind != "faceid"):
+        from .family.generation import photo_inputs
+
+        inputs = photo_inputs(gen.adapter_cfg, analyzer, cfg.faces, gen.family.clip_size)
+        embedding = inputs["embedding"]                   # Portrait: (n, D), one per photo
+        gen.family.set_face_crop(inputs["crop"])          # Plus: CLIP states of the first photo's crop
     out = Path(cfg.out)
     records, images = [], []
     for p_idx, prompt in enumerate(cfg.prompts):

@@ -24,3 +24,14 @@ def tiny_pipeline_dir(_embedded_cache) -> str:
     from accord_face.tiny import ensure_pipeline
 
     return str(ensure_pipeline("tiny", seed=0))
+
+
+def pytest_collection_modifyitems(config, items):
+    """``heavy`` tests (multi-process training runs over ~20 s) run only when asked: ``pytest -m heavy``
+    (or ``ACCORD_FACE_HEAVY=1``); ``make test`` stays short."""
+    if "heavy" in (config.getoption("-m") or "") or os.environ.get("ACCORD_FACE_HEAVY") == "1":
+        return
+    skip = pytest.mark.skip(reason="heavy: run with pytest -m heavy (or ACCORD_FACE_HEAVY=1)")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)

@@ -46,8 +46,12 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def build_tiny_clip_vision(folder: str | os.PathLike, seed: int = 0, image_size: int = 64, hidden: int = 48) -> Path:
-    """A random ``CLIPVisionModelWithProjection`` (+ its ``CLIPImageProcessor``) saved to ``folder`` atomically."""
+def build_tiny_clip_vision(folder: str | os.PathLike, seed: int = 0, image_size: int = 64, hidden: int = 48,
+                           replace: bool = True) -> Path:
+    """A random ``CLIPVisionModelWithProjection`` (+ its ``CLIPImageProcessor``) saved to ``folder`` atomically.
+
+    ``replace=False``: when another process finished the same folder first, keep that one (ranks
+    building the cache at once never delete a folder another rank is reading)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     folder = Path(folder)
@@ -62,9 +66,13 @@ def build_tiny_clip_vision(folder: str | os.PathLike, seed: int = 0, image_size:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        if folder.exists():
+        if folder.exists() and replace:
             shutil.rmtree(folder)
-        tmp.rename(folder)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if replace or not (folder / "config.json").is_file():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -84,7 +92,7 @@ def resolve_image_encoder(path: str) -> str:
         raise ValueError(f"image_encoder_path {path!r}: the seed after {EMBEDDED_CLIP}: must be an integer") from None
     folder = cache_dir() / f"embedded-clip-vision-seed{seed}"
     if not (folder / "config.json").is_file():
-        build_tiny_clip_vision(folder, seed)
+        build_tiny_clip_vision(folder, seed, replace=False)
     return str(folder)
 
 
