@@ -72,12 +72,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .config import ConfigError, from_dict
     from .pipeline import GenerateConfig, GenerateError, run_generate
+    from .quiet import setup_logging
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accord_face").setLevel(logging.INFO)
+    setup_logging(logging.WARNING, project_level=logging.INFO)
     from .checks import UsageError
 
-    keys = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
+    keys = {k: v for k, v in vars(args).items() if k not in ("command", "func", "verbose") and v is not None}
     try:
         summary = run_generate(from_dict(GenerateConfig, keys, source="command line"))
     except (GenerateError, ConfigError, UsageError) as err:
@@ -93,6 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvaluateConfig, run_evaluate
     from .evaluate_report import compare_metrics, format_compare, load_metrics, plot_tradeoff_runs
     from .pipeline import GenerateError, atomic_write_text
+    from .quiet import setup_logging
 
     if args.compare:
         from .evaluate_report import compare_settings, load_settings
@@ -116,11 +117,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"[evaluate] compare.md + compare_tradeoff.png -> {args.out}")
         return 0
     args.out = args.out or "outputs/evaluate"
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accord_face").setLevel(logging.INFO)
+    setup_logging(logging.WARNING, project_level=logging.INFO)
     from .checks import UsageError
 
-    keys = {k: v for k, v in vars(args).items() if k not in ("command", "func", "compare", "force") and v is not None}
+    keys = {k: v for k, v in vars(args).items() if k not in ("command", "func", "compare", "force", "verbose")
+            and v is not None}
     try:
         result = run_evaluate(from_dict(EvaluateConfig, keys, source="command line"))
     except (GenerateError, ConfigError, UsageError) as err:
@@ -274,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _shard_parser(sub.add_parser("prepare-shards", help="photos + captions -> WebDataset shards with faces "
                                      "and identity embeddings"))
     p.set_defaults(func=cmd_prepare_shards, _parser=p)
+    for child in sub.choices.values():
+        if "--verbose" not in child._option_string_actions:
+            child.add_argument("--verbose", action="store_true", help="show third-party warnings and model-loading "
+                               "progress bars (hidden by default; accord_face/quiet.py lists them)")
     return parser
 
 
@@ -305,12 +310,17 @@ def cmd_prepare_shards(args: argparse.Namespace) -> int:
 
     from data_pipelines.prepare_shards import run
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .quiet import setup_logging
+
+    setup_logging(logging.INFO)
     return run(args, args._parser)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .quiet import quiet_third_party
+
     _offline_defaults()
+    quiet_third_party(verbose="--verbose" in (sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     return args.func(args)
 

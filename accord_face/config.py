@@ -247,7 +247,8 @@ def _yaml_error(path: Path, err: Exception) -> str:
 
 
 def from_dict_keys_only(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> None:
-    """Raise ConfigError for keys in ``data`` that ``cls`` does not have (types not checked)."""
+    """Raise ConfigError for keys in ``data`` that ``cls`` does not have, and for leaf values of the wrong
+    type (so that a bad command-line value is blamed on the command line, not on the YAML file)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     for key, value in data.items():
@@ -258,6 +259,8 @@ def from_dict_keys_only(cls: type, data: dict[str, Any], source: str, prefix: st
         sub = next((a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)), None)
         if sub is not None and isinstance(value, dict):
             from_dict_keys_only(sub, value, source, full)
+        elif sub is None:
+            _coerce(value, tp, full, source)
 
 
 def save_config(obj: Any, path: str | Path) -> None:
@@ -267,6 +270,20 @@ def save_config(obj: Any, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
     tmp.replace(path)
+
+
+def _describe_type(tp: Any) -> str:
+    """``one of 'a' | 'b'`` for Literal, ``X or null`` for Optional, ``list of X``; else the type name."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + " | ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        text = " or ".join(_describe_type(a) for a in inner)
+        return text + (" or null" if len(inner) < len(args) else "")
+    if origin in (list, tuple) and args:
+        return f"{origin.__name__} of " + ", ".join(_describe_type(a) for a in args if a is not Ellipsis)
+    return _type_name(tp)
 
 
 def describe(cls: type, prefix: str = "") -> list[str]:
@@ -281,5 +298,5 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-        lines.append(f"{full} ({_type_name(tp)}, default {default!r}): {f.metadata.get('help', '')}")
+        lines.append(f"{full} ({_describe_type(tp)}, default {default!r}): {f.metadata.get('help', '')}")
     return lines

@@ -4,7 +4,8 @@
     deepspeed scripts/train_encoder.py --config configs/tiny.yaml shards=DIR output_dir=X max_steps=30
     python scripts/train_encoder.py --config configs/tiny.yaml output_dir=out/x max_steps=4
 
-Trailing ``key.sub=value`` arguments override the YAML; ``--describe`` lists every key.
+Trailing ``key.sub=value`` arguments (or diffusers-style flags: ``--output_dir X``) override the
+YAML; ``--describe`` lists every key.
 """
 
 from __future__ import annotations
@@ -23,20 +24,37 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list[str] | None = None) -> int:
+    from accord_face.quiet import quiet_third_party, setup_logging
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_third_party(verbose="--verbose" in argv)
+    setup_logging()
     from accord_face.config import ConfigError, describe, load_config
     from accord_face.train import TrainConfig, train
+    from accord_face.train_flags import ENCODER_FLAGS, flags_to_overrides, resolve_config_path, split_argv
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (configs/tiny.yaml, configs/sd15_faceid.yaml, ...)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Any other arguments: key.sub=value overrides, or diffusers-style flags "
+                                     "(--output_dir X --max_train_steps N ...; accord_face/train_flags.py)")
+    parser.add_argument("--config", help="YAML config: a path, or the name of a bundled one (tiny, sd15_faceid, "
+                        "sdxl_faceid)")
     parser.add_argument("--resume", default=None, help="auto (default) | none | a checkpoint folder")
-    parser.add_argument("--describe", action="store_true", help="print every config key with its help and exit")
+    parser.add_argument("--describe", action="store_true", help="print every config key with type, allowed "
+                        "values, default and help, and exit")
+    parser.add_argument("--verbose", action="store_true", help="show third-party warnings and loading bars")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parser.parse_args(argv)
+    own, rest = split_argv(argv, {"--config": True, "--resume": True, "--describe": False, "--verbose": False,
+                                  "--local_rank": True})
+    args = parser.parse_args(own)
     if args.describe:
         print("\n".join(describe(TrainConfig)))
         return 0
-    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
+    try:
+        overrides = flags_to_overrides(rest, ENCODER_FLAGS) + ([f"resume={args.resume}"] if args.resume else [])
+    except ValueError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    args.config = resolve_config_path(args.config)
     from accord_face.train.errors import user_error
 
     try:

@@ -138,7 +138,7 @@ def test_config_errors_are_one_line_with_a_suggestion(tmp_path):
 
 
 def test_export_command_says_why_an_adapter_is_diffusers_only(tiny_pipeline_dir, tmp_path, capsys):
-    from tests.test_pipeline_helpers import export_test_adapter
+    from test_pipeline_helpers import export_test_adapter
 
     adapter = export_test_adapter(tiny_pipeline_dir, tmp_path / "a", id_dim=128)
     line = error_line(capsys, ["export", "--adapter", str(adapter), "--format", "comfyui"], "export")

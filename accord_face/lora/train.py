@@ -132,6 +132,22 @@ def prepare_references(cfg: LoraTrainConfig, out: Path, resolution: int, log) ->
     return refs
 
 
+def preflight(cfg: LoraTrainConfig) -> None:
+    """Paths and hub reachability, before accelerate starts or any model loads (checks.UsageError)."""
+    from .. import checks
+
+    if cfg.data.reference_dir is not None:
+        folder = checks.check_folder(cfg.data.reference_dir, "data.reference_dir",
+                                     "a folder of 3-20 reference images (+ metadata.jsonl or .txt captions)")
+        from .prompts import IMAGE_SUFFIXES
+
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+            raise checks.UsageError(f"data.reference_dir {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    checks.check_hub_reachable(cfg.pretrained_model, "pretrained_model")
+    if cfg.accord.projection_model:
+        checks.check_hub_reachable(cfg.accord.projection_model, "accord.projection_model", probe="config.json")
+
+
 def train_lora(cfg: LoraTrainConfig, log=None) -> dict:
     """Train, checkpoint, export; returns paths, the last logged terms and the trained ``models``.
 
@@ -139,6 +155,7 @@ def train_lora(cfg: LoraTrainConfig, log=None) -> dict:
     """
     from accelerate import Accelerator, InitProcessGroupKwargs
 
+    preflight(cfg)
     cuda = torch.cuda.is_available()
     # Several CPU processes (accelerate launch on a laptop, tests) talk over gloo; a lone process needs no group.
     gloo = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .. import adapter, export_formats
+from ..quiet import phase
 from ..config import ConfigError, save_config
 from ..data import build_dataset
 from ..tiny import resolve_pretrained
@@ -189,6 +190,8 @@ def _validation_faces(cfg: TrainConfig, info: ShardInfo, parts=None) -> Optional
 
 
 def _validate(engine, cfg, parts, faces, out: Path, step: int, device) -> Optional[Path]:
+    from tqdm import tqdm
+
     v = cfg.validation
     if faces is None or not v.enabled:
         return None
@@ -198,7 +201,8 @@ def _validate(engine, cfg, parts, faces, out: Path, step: int, device) -> Option
     ids = faces["ids"].repeat_interleave(len(v.prompts), dim=0)
     clip = faces["clip"].repeat_interleave(len(v.prompts), dim=0) if faces["clip"] is not None else None
     columns = [sample_images(engine.module, parts, prompts, ids, s, v.num_inference_steps, v.guidance_scale,
-                             cfg.resolution, cfg.seed, device, clip=clip) for s in v.scales]
+                             cfg.resolution, cfg.seed, device, clip=clip)
+               for s in tqdm(v.scales, desc="validation (scales)", disable=dist.get_rank() != 0, leave=False)]
     adapter.set_ip_scale(engine.module.unet, cfg.encoder.ip_scale)
     if dist.get_rank() == 0:
         return save_grid(columns, out / "samples" / f"step-{step:08d}.png")
@@ -246,6 +250,10 @@ def _finish(engine, cfg, parts, info, faces, out: Path, step: int, stream, devic
         _export(engine, cfg, parts, info, out, step)
     grid = out / "samples" / f"step-{step:08d}.png"
     if cfg.validation.enabled and not _gather(grid.is_file())[0]:
+        if dist.get_rank() == 0 and faces is not None:
+            v = cfg.validation
+            log.info("final validation grid: %d faces x %d prompts x %d scales, %d sampler steps each",
+                     len(faces["ids"]), len(v.prompts), len(v.scales), v.num_inference_steps)
         made = _validate(engine, cfg, parts, faces, out, step, device)
         if made:
             log.info("validation grid: %s", made)
@@ -285,8 +293,10 @@ def train(cfg: TrainConfig) -> dict:
                           f"({parts.clip.text_projection.weight.shape[1]}) to equal the UNet cross-attention dim "
                           f"({model.unet.config.cross_attention_dim}); use text_projection_mean_tail (SDXL)")
     initial = model.trainable_state() if cfg.losses.dd_reference == "frozen_initial" else None
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(),
-                                           config=deepspeed_config(cfg, dtype))
+    with phase("starting DeepSpeed (its first start on a machine compiles a C++ op: 1-3 minutes, cached after)",
+               log.info, enabled=rank == 0):
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(),
+                                               config=deepspeed_config(cfg, dtype))
     ckpt.make_loads_safe(engine)                       # checkpoint reads: weights-only, never unpickling
     if initial is not None:
         initial = {k: v.to(device=device, dtype=next(engine.module.parameters()).dtype) for k, v in initial.items()}
