@@ -1,6 +1,6 @@
 """Identity projection models: face embedding -> K identity tokens for decoupled cross-attention.
 
-``FaceIDProjection`` is IP-Adapter-FaceID's MLP (DESIGN.md section 4):
+``FaceIDProjection`` is IP-Adapter-FaceID's MLP:
 
     Linear(id_dim, hidden) - GELU - Linear(hidden, K * cad) - reshape (K, cad) - LayerNorm(cad)
 

@@ -4,7 +4,7 @@ This module imports nothing from the rest of the package: it takes tensors and
 a diffusers-style noise scheduler (anything with ``alphas_cumprod`` and a
 ``config`` holding ``num_train_timesteps`` and ``prediction_type``).
 
-Notation (DESIGN.md section 3): ``p`` = personalization target (identity
+Notation (README, "ACCORD, as implemented"): ``p`` = personalization target (identity
 tokens), ``g`` = general text (caption), ``pg`` = both, ``0`` = neither.
 ``U(x_t, c, t)`` is the model's estimate of ``x_{t-1}``: the DDPM posterior
 mean computed from the raw UNet output.

@@ -97,6 +97,7 @@ def flags_to_overrides(tokens: list[str], table: dict[str, Mapping]) -> list[str
             out.append(tok)
             continue
         name, eq, value = tok[2:].partition("=")
+        name = name.replace("-", "_")   # --export-format = --export_format (config keys never hold dashes)
         if not eq:
             nxt = tokens[i] if i < len(tokens) else None
             if name in BOOLEAN_FLAGS and (nxt is None or nxt.startswith("--") or "=" in nxt):

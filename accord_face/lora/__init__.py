@@ -1,4 +1,4 @@
-"""The subject / style LoRA path with ACCORD (DESIGN.md section 1, issue 6).
+"""The subject / style LoRA path with ACCORD.
 
 ``train_lora(load_config(LoraTrainConfig, path, overrides))`` trains peft LoRA
 on a Stable Diffusion UNet (optionally the text encoder and a learned token)

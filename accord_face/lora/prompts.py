@@ -1,6 +1,6 @@
 """The four DDLoss prompts of each reference image, from metadata or fallbacks.
 
-For every reference image the LoRA path needs (DESIGN.md section 3, with the
+For every reference image the LoRA path needs (README, "ACCORD, as implemented", with the
 personalization target ``p`` = the learned subject or style):
 
     joint    c_pg  "a photo of sks backpack with a tree"   (the training prompt, with gradient)
