@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                            ("--id-model-name", "id_model_name", str), ("--clip-model", "clip_model", str),
                            ("--shards", "shards", str), ("--coupling-samples", "coupling_samples", int),
                            ("--coupling-timesteps", "coupling_timesteps", int), ("--superclass", "superclass", str),
-                           ("--text-projection", "text_projection", str), ("--device", "device", str)):
+                           ("--text-projection", "text_projection", str), ("--device", "device", str),
+                           ("--clip-image-encoder", "clip_image_encoder", str), ("--s-scale", "s_scale", float),
+                           ("--lora-scale", "lora_scale", float)):
         _from_config(p, E, flag, name, type=tp)
     _from_config(p, E, "--out", "out", help="output folder (default outputs/evaluate); with --compare: where to "
                  "write compare.md and compare_tradeoff.png (nothing written without it)", shown=None)

@@ -65,6 +65,10 @@ class EvaluateConfig:
                                                       "default: the one saved beside an embedded base model")
     out: str = field("outputs/evaluate", help="output folder")
     device: Optional[str] = field(None, help="torch device; default cuda when available")
+    clip_image_encoder: Optional[str] = field(None, help="FaceID-Plus: CLIP vision tower (hub id or folder); "
+                                                         "default: the adapter's recorded image_encoder_path")
+    s_scale: Optional[float] = field(None, help="FaceID-Plus-V2 shortcut weight; default: the trained value")
+    lora_scale: float = field(1.0, help="strength of the adapter's identity LoRA (when it has one)")
 
     def validate(self) -> None:
         if not self.scales or not self.seeds:
@@ -181,7 +185,15 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         refs[name] = scorer.reference([load_image_rgb(p) for p in photos])
         if refs[name] is None:
             raise GenerateError(f"the identity model finds no face in any photo of {name!r} ({photos[0].parent})")
-    gen = FaceIDGenerator(cfg.adapter, cfg.pretrained, cfg.device)
+    gen = FaceIDGenerator(cfg.adapter, cfg.pretrained, cfg.device, lora_scale=cfg.lora_scale,
+                          clip_image_encoder=cfg.clip_image_encoder, s_scale=cfg.s_scale)
+    # FaceID family: Portrait generates from every photo's embedding, Plus also from the first photo's face crop.
+    family = {}
+    if gen.family is not None and gen.family.kind != "faceid":
+        from .family.generation import photo_inputs
+
+        family = {name: photo_inputs(gen.adapter_cfg, cond, photos, gen.family.clip_size)
+                  for name, photos in identities.items()}
     clip = None if cfg.clip_model.lower() == "none" else _load_clip(cfg.clip_model, gen.device)
 
     # One batched pipeline call per chunk of (prompt, seed) pairs of one identity at one scale
@@ -189,6 +201,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     total = len(identities) * len(prompts) * len(cfg.scales) * len(cfg.seeds)
     with samples_path.open("a") as log_file, tqdm(total=total, desc="evaluate") as bar:
         for name in identities:
+            if family:
+                gen.family.set_face_crop(family[name]["crop"])
             for scale in cfg.scales:
                 pairs = [(i, sd) for i in range(len(prompts)) for sd in cfg.seeds]
                 todo = [(i, sd) for i, sd in pairs if sample_key(name, i, scale, sd) not in done]
@@ -196,7 +210,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                 for k in range(0, len(todo), cfg.batch_size):
                     chunk = todo[k:k + cfg.batch_size]
                     texts = [prompts[i] for i, _ in chunk]
-                    images = gen.generate_pairs(cond_embeds[name], texts, [sd for _, sd in chunk], scale=scale,
+                    images = gen.generate_pairs(family[name]["embedding"] if family else cond_embeds[name], texts, [sd for _, sd in chunk], scale=scale,
                                                 steps=cfg.steps, guidance=cfg.guidance,
                                                 negative_prompt=cfg.negative_prompt, resolution=cfg.resolution)
                     clip_t = clip.score(images, texts) if clip else [None] * len(images)
@@ -295,6 +309,9 @@ def coupling_diagnostics(gen: FaceIDGenerator, cfg: EvaluateConfig, identities: 
 
     out: dict[str, Any] = {"adapter_scale": 1.0}
     pipe = gen.pipe
+    if gen.family is not None and gen.family.image_encoder is not None:
+        why = "not implemented for FaceID-Plus (the diagnostics feed embeddings only, no CLIP face crops)"
+        return {**out, "dd": {"skipped": why}, "pd": {"skipped": why}}
     if cfg.coupling_samples == 0:
         return {**out, "dd": {"skipped": "coupling_samples = 0"}, "pd": {"skipped": "coupling_samples = 0"}}
     pipe.set_ip_adapter_scale(1.0)

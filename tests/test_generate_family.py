@@ -118,3 +118,26 @@ def test_plus_adapter_without_clip_path_is_a_clear_error(tiny_pipeline_dir, phot
     code = main(["generate", "--adapter", str(folder), "--face", str(photos["grace"]), "--prompt", "x",
                  "--steps", "1", "--out", str(tmp_path / "g")])
     assert code == 2 and "image_encoder_path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["faceid_portrait", "faceid_plusv2"])
+def test_evaluate_runs_each_member(tiny_pipeline_dir, photos, tmp_path, kind):
+    faces = tmp_path / "faces"
+    (faces / "grace").mkdir(parents=True)
+    Image.open(photos["grace"]).save(faces / "grace" / "a.jpg")
+    Image.open(photos["grace"]).transpose(0).save(faces / "grace" / "b.png")      # mirrored second photo
+    (tmp_path / "prompts.txt").write_text("a photo of a person\n")
+    folder = _export(tiny_pipeline_dir, tmp_path / "adapter", kind, lora=kind == "faceid_plusv2")
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--adapter", str(folder), "--faces", str(faces), "--prompts", str(tmp_path / "prompts.txt"),
+            "--scales", "1", "--seeds", "0", "--steps", "2", "--clip-model", "none", "--coupling-samples", "2",
+            "--coupling-timesteps", "2", "--out", str(out)]
+    if kind == "faceid_plusv2":
+        argv += ["--s-scale", "0.5", "--lora-scale", "0.5"]
+    assert main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_samples"] == 1
+    if kind == "faceid_plusv2":
+        assert "FaceID-Plus" in m["coupling"]["dd"]["skipped"]
+    else:
+        assert m["coupling"]["dd"]["discrepancy"] > 0
