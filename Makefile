@@ -42,7 +42,7 @@ demo: $(STAMP)
 .PHONY: demo-lora
 demo-lora: $(STAMP)
 	$(PY) scripts/train_lora.py --config configs/lora_tiny.yaml output_dir=outputs/demo-lora max_steps=40
-	@echo "[demo-lora] validation grids: $$(ls outputs/demo-lora/validation/*.png | tr '\n' ' ')"
+	@echo "[demo-lora] validation grids: $$(ls outputs/demo-lora/samples/*.png | tr '\n' ' ')"
 	@echo "[demo-lora] LoRA for pipe.load_lora_weights: outputs/demo-lora/lora"
 
 test: $(STAMP)

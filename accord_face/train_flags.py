@@ -51,7 +51,15 @@ ENCODER_FLAGS: dict[str, Mapping] = {
     "validation_prompt": lambda v: [f"validation.prompts={json.dumps([v])}"],
     "dataloader_num_workers": "data.num_workers",
     "export_format": "export_format",
+    "report_to": lambda v: _encoder_report_to(v),
 }
+
+
+def _encoder_report_to(value: str) -> list[str]:
+    if value not in ("tensorboard", "none"):
+        raise ValueError(f"--report_to {value}: the encoder trainer writes tensorboard or none "
+                         "(OUTPUT/metrics.jsonl always)")
+    return [f"logging.tensorboard={'true' if value == 'tensorboard' else 'false'}"]
 
 LORA_FLAGS: dict[str, Mapping] = {
     "pretrained_model_name_or_path": "pretrained_model",

@@ -284,3 +284,18 @@ def test_lora_trainer_writes_the_kohya_file_and_says_where_it_loads(tiny_pipelin
     from safetensors.torch import load_file
 
     assert {float(v) for k, v in load_file(str(kohya)).items() if k.endswith(".alpha")} == {8.0}
+    # the encoder trainer's output layout
+    assert (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "samples" / "step-00000001.png").is_file()
+    assert list((tmp_path / "logs").glob("events.out.tfevents.*")) and (tmp_path / "checkpoints" / "step-00000001").is_dir()
+
+
+def test_lora_report_to_wandb_without_wandb_is_a_config_error():
+    import importlib.util
+
+    from accord_face.config import ConfigError, load_config
+    from accord_face.lora import LoraTrainConfig
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        load_config(LoraTrainConfig, None, ["report_to=wandb"])

@@ -102,7 +102,7 @@ def test_two_processes_under_accelerate_launch_equal_one_process_with_twice_the_
     assert "2 process(es)" in run.stdout + run.stderr
     one = train_lora(config(tiny_pipeline_dir, tmp_path / "one", "batch_size=2", "max_steps=1", *TRAINED[:5]),
                      log=lambda *a: None)
-    a = load_file(str(tmp_path / "two" / "checkpoints" / "step-000001" / "trainable.safetensors"))
+    a = load_file(str(tmp_path / "two" / "checkpoints" / "step-00000001" / "trainable.safetensors"))
     b = trainable_state(one["models"])
     assert a.keys() == b.keys()
     # Adam's first step is lr * g / (|g| + eps): elementwise ~ lr * sign(g), so float noise in a near-zero

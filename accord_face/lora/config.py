@@ -117,7 +117,8 @@ class ValidationConfig:
 class LoraTrainConfig:
     pretrained_model: str = field("embedded:tiny", help="diffusers SD1.x folder or hub id; embedded:<size> "
                                   "builds a random-weight one offline")
-    output_dir: str = field("outputs/lora", help="run folder: config.yaml, lora/, checkpoints/, validation/")
+    output_dir: str = field("outputs/lora", help="run folder: config.yaml, lora/, checkpoints/step-N/, "
+                                                 "samples/step-N.png, metrics.jsonl, logs/ (TensorBoard)")
     max_steps: int = field(400, help="optimizer steps")
     batch_size: int = field(1, help="instance images per step (prior preservation adds as many class images)")
     gradient_accumulation: int = field(1, help="micro-batches per optimizer step")
@@ -132,6 +133,9 @@ class LoraTrainConfig:
     keep_checkpoints: int = field(2, help="newest checkpoints kept")
     resume: bool = field(True, help="continue from the newest complete checkpoint in output_dir")
     log_every: int = field(10, help="log the loss terms every k steps")
+    report_to: Literal["tensorboard", "wandb", "none"] = field(
+        "tensorboard", help="where the logged terms go besides metrics.jsonl: TensorBoard events in "
+                            "<output_dir>/logs, Weights & Biases (accelerate's tracker; needs wandb installed), or none")
     export_format: Literal["diffusers", "kohya", "comfyui"] = field(
         "diffusers", help="diffusers: lora/pytorch_lora_weights.safetensors for pipe.load_lora_weights (always "
                           "written); kohya (= comfyui): also lora/lora_kohya.safetensors (lora_unet_* keys, scalar "
@@ -149,3 +153,9 @@ class LoraTrainConfig:
             raise ValueError("max_steps, batch_size and gradient_accumulation must be >= 1")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("checkpoint_every and keep_checkpoints must be >= 1")
+        if self.report_to == "wandb":
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ValueError("report_to=wandb: wandb is not installed (pip install wandb); "
+                                 "or use report_to=tensorboard / none")

@@ -10,7 +10,7 @@ Export (``<output_dir>/lora``):
   loadable by ``pipe.load_textual_inversion(folder, weight_name=...)``.
 - ``lora_config.json``: the base model folder (``accord-face generate --lora`` loads it).
 
-Checkpoints (``<output_dir>/checkpoints/step-NNNNNN``): the trainable weights
+Checkpoints (``<output_dir>/checkpoints/step-NNNNNNNN``, older 6-digit names still resume): the trainable weights
 (safetensors), the optimizer state and ``state.json``; each is written under a
 temporary folder name and renamed when complete, so the newest folder is always
 a complete one.
@@ -162,7 +162,7 @@ def save_checkpoint(root: str | Path, step: int, models: LoraModels, optimizer: 
     """Write ``root/step-NNNNNN`` atomically and prune all but the newest ``keep``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"   # the encoder trainer's step-N width
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         save_file(trainable_state(models), str(tmp / "trainable.safetensors"))

@@ -2,7 +2,7 @@
 
     refs  = prompts + images (metadata / captions / templates; or a synthetic set)
     step  : instance (+ class) micro-batches -> loss_terms -> backward -> all-reduce -> AdamW
-    every : log terms (logs.jsonl), checkpoint + export (lora/), validation grid
+    every : log terms (metrics.jsonl, TensorBoard logs/), checkpoint + export (lora/), grid (samples/)
 
 Gradients are averaged across processes by hand (``accelerator.reduce``)
 instead of wrapping the UNet in DDP: only the LoRA weights train, DDLoss may
@@ -160,7 +160,7 @@ def train_lora(cfg: LoraTrainConfig, log=None) -> dict:
     # Several CPU processes (accelerate launch on a laptop, tests) talk over gloo; a lone process needs no group.
     gloo = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
     precision = cfg.mixed_precision if cuda and cfg.mixed_precision != "fp32" else "no"
-    accelerator = Accelerator(mixed_precision=precision,
+    accelerator = Accelerator(mixed_precision=precision, log_with="wandb" if cfg.report_to == "wandb" else None,
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if gloo else [])
     main = accelerator.is_main_process
     log = (log or tqdm.write) if main else (lambda *a, **k: None)
@@ -211,7 +211,14 @@ def train_lora(cfg: LoraTrainConfig, log=None) -> dict:
         log(f"[lora] resumed from {newest} (step {start})")
 
     models.unet.train()
-    log_path = out / "logs.jsonl"
+    log_path = out / "metrics.jsonl"   # the encoder trainer's name (was logs.jsonl)
+    writer = None
+    if main and cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "logs"))
+    elif cfg.report_to == "wandb":
+        accelerator.init_trackers("accord-face-lora", config=json.loads(json.dumps(dataclasses.asdict(cfg))))
     last: dict = {}
     grid = None
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not main, desc="lora")
@@ -239,14 +246,24 @@ def train_lora(cfg: LoraTrainConfig, log=None) -> dict:
         if main and (done % cfg.log_every == 0 or done == cfg.max_steps or done == start + 1):
             with log_path.open("a") as f:
                 f.write(json.dumps(last) + "\n")
+            if writer:
+                for k, v in last.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        writer.add_scalar(f"train/{k}", v, done)
+            if cfg.report_to == "wandb":
+                accelerator.log({k: v for k, v in last.items() if k != "step"}, step=done)
             log("[lora] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
         if main and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
             save_checkpoint(ckpt_root, done, models, optimizer, {"loss": sums["loss"]}, cfg.keep_checkpoints)
             export(models, cfg, out / "lora", log, quiet=done != cfg.max_steps)
         if main and ((cfg.validation.every and done % cfg.validation.every == 0) or done == cfg.max_steps):
-            grid = validation_grid(models, cfg, out / "validation" / f"step-{done:06d}.png")
+            grid = validation_grid(models, cfg, out / "samples" / f"step-{done:08d}.png")
         barrier(accelerator)
 
+    if writer:
+        writer.close()
+    if cfg.report_to == "wandb":
+        accelerator.end_training()
     if main and not (out / "lora").is_dir():  # resumed a finished run: export what the checkpoint holds
         export(models, cfg, out / "lora", log)
     barrier(accelerator)
