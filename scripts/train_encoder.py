@@ -60,16 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(TrainConfig, args.config, overrides)
         result = train(cfg)
-    except ConfigError as err:
-        print(f"config error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
     except Exception as err:  # noqa: BLE001  (a cause the user can fix: one line, exit 2; else the traceback)
         line = user_error(err)
         if line is None:
             raise
-        print(f"error: {line}", file=sys.stderr)
-        sys.stderr.flush()
-        os._exit(2)  # other ranks may wait in a collective; leave without interpreter teardown
+        print(f"{'config error' if isinstance(err, ConfigError) else 'error'}: {line}", file=sys.stderr)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            sys.stderr.flush()
+            os._exit(2)  # other ranks may wait in a collective: leave without interpreter teardown
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         if result.get("stopped"):
             print(f"stopped by {result['stopped']} at step {result['step']}: checkpoint saved; rerun the same "
