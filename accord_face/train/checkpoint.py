@@ -25,14 +25,16 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from ..config import ConfigError
+
 __all__ = ["tag_for", "mark_complete", "is_complete", "read_marker", "complete_checkpoints", "find_resume",
-           "prune", "file_hashes", "verify", "safe_torch_load", "make_loads_safe", "CheckpointError", "MARKER"]
+           "prune", "file_hashes", "verify", "scan", "safe_torch_load", "make_loads_safe", "CheckpointError", "MARKER"]
 
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step-(\d{8})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint that must not be resumed (tampered, corrupt, written by another layout)."""
 
 
@@ -144,6 +146,24 @@ def _safe_globals() -> list:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def scan(folder: Path) -> None:
+    """Refuse, without unpickling anything, a ``*.pt`` file of ``folder`` that names a class outside
+    ``_safe_globals()`` (a crafted pickle) or is not a torch zip checkpoint; cheap (reads the pickle opcodes)."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in _safe_globals()}
+    for path in sorted(folder.rglob("*.pt")):
+        try:
+            unsafe = sorted(set(get_unsafe_globals_in_checkpoint(path)) - allowed)
+        except (ValueError, RuntimeError, OSError) as err:
+            raise CheckpointError(f"{path}: refused, not a torch checkpoint ({' '.join(str(err).split())[:120]}); "
+                                  "delete its checkpoint folder to resume from an older one") from None
+        if unsafe:
+            raise CheckpointError(f"{path}: refused, it needs {', '.join(unsafe[:3])}, which a weights-only load "
+                                  "does not allow; it was not written by this trainer or was changed since (delete "
+                                  "its checkpoint folder to resume from an older one)")
 
 
 def safe_torch_load(path: str, map_location=None):

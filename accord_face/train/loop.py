@@ -28,7 +28,7 @@ from ..tiny import resolve_pretrained
 from . import checkpoint as ckpt
 from . import guard
 from .config import ShardInfo, TrainConfig, preflight
-from .resume import check_resume, resolved_shards
+from .resume import check_pretrained, check_resume, resolved_shards
 from .models import build_model, clip_text_features, compute_dtype, load_frozen_parts, reference_fn
 from .step import compute_losses, prepare_batch
 from .stream import DataError, DataStream
@@ -225,14 +225,20 @@ def _maybe_kill(cfg: TrainConfig, point: str, step: int) -> None:
 def _prepare(cfg: TrainConfig) -> tuple[ShardInfo, Optional[Path], Optional[guard.OutputLock]]:
     """Everything that can refuse a run before any model loads or process group starts."""
     info = preflight(cfg)                              # config/shard problems
+    check_pretrained(cfg.pretrained_model)             # unknown embedded size, missing folder, offline hub id
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(cfg.output_dir)
     lock = None
     if rank == 0:
         guard.check_output_dir(out)                   # parent is a file, unwritable: one line, nothing loaded
         lock = guard.OutputLock(out)                  # a second run in this folder stops here
-    resume_from = check_resume(cfg, info, out, world) if (out / "checkpoints").is_dir() or \
-        cfg.resume not in ("auto", "none", "force") else None
+    try:
+        resume_from = check_resume(cfg, info, out, world) if (out / "checkpoints").is_dir() or \
+            cfg.resume not in ("auto", "none", "force") else None
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
     return info, resume_from, lock
 
 
