@@ -23,7 +23,8 @@ from typing import Any
 from accord_face.config import ConfigError
 
 from .journal import JOURNAL, SettingsMismatch, atomic_write_text
-from .partitions import JOB_FILE, PARTITIONS_DIR, Partition, partition_journals, plan_partitions, read_partition
+from .partitions import (JOB_FILE, PARTITIONS_DIR, Partition, inputs_changed, partition_journals,
+                         plan_partitions, read_partition)
 from .progress import JobProgress
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,15 @@ def prepare_shards_ray(cfg, analyzer) -> dict[str, Any]:
     """The Ray run of ``prepare.prepare_shards`` (same outputs); returns the same summary keys."""
     from .prepare import input_plan, write_manifest
 
+    import dataclasses
+
     ray = import_ray()
     start = time.perf_counter()
+    # Workers may run in another directory (or machine, over a shared file system): absolute paths.
+    local_input = cfg.input != "embedded" and "://" not in cfg.input
+    cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output),
+                              input=os.path.abspath(cfg.input) if local_input else cfg.input,
+                              model_root=os.path.abspath(cfg.model_root) if cfg.model_root else None)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     _check_job(cfg)
@@ -159,6 +167,8 @@ def prepare_shards_ray(cfg, analyzer) -> dict[str, Any]:
                         log.error("partition %s failed: %s", part.name, first)
 
         for part in plan_partitions(shard_urls, items, cfg.partition_size):
+            if part.name in before and before[part.name]["fingerprint"] != part.fingerprint():
+                raise inputs_changed(out, part)  # a shifted folder listing would re-run inputs done elsewhere
             if part.name in done_before:
                 continue
             submit(part)

@@ -76,10 +76,14 @@ def open_partition(outdir: str | os.PathLike, prefix: str, shard_size: int, sett
                             journal=f"{PARTITIONS_DIR}/{part.name}.jsonl")
     except SettingsMismatch as err:
         if "partition_inputs" in str(err):
-            raise SettingsMismatch(f"partition {part.name} of {outdir} was started on other inputs (files added, "
-                                   "removed or re-captioned since the first run): rerun on the same inputs, or use "
-                                   "a new --output folder") from None
+            raise inputs_changed(outdir, part) from None
         raise
+
+
+def inputs_changed(outdir: str | os.PathLike, part: Partition) -> SettingsMismatch:
+    return SettingsMismatch(f"partition {part.name} of {outdir} was started on other inputs (files added, removed "
+                            "or re-captioned since the first run): rerun on the same inputs, or use a new --output "
+                            "folder")
 
 
 def run_partition(outdir: str | os.PathLike, prefix: str, shard_size: int, settings: dict[str, Any],
@@ -130,9 +134,13 @@ def partition_journals(outdir: str | os.PathLike) -> list[Path]:
 
 def read_partition(path: Path) -> dict[str, Any]:
     """A partition journal's committed shards, done inputs, skip counts and completeness (torn tail ignored)."""
-    out: dict[str, Any] = {"shards": [], "inputs": 0, "skip_counts": collections.Counter(), "complete": False}
+    out: dict[str, Any] = {"shards": [], "inputs": 0, "skip_counts": collections.Counter(), "complete": False,
+                           "fingerprint": None}
     with open(path, "rb") as fh:
-        next(fh, None)  # settings
+        try:
+            out["fingerprint"] = json.loads(next(fh, b"{}")).get("settings", {}).get("partition_inputs")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass
         for raw in fh:
             try:
                 rec = json.loads(raw)

@@ -22,10 +22,10 @@ def format_counts(kept: int, skipped: Mapping[str, int]) -> str:
 class JobProgress:
     """tqdm bar (unit img, so its rate is images/s) whose postfix is ``format_counts``."""
 
-    def __init__(self, enabled: bool, desc: str = "prepare-shards"):
+    def __init__(self, enabled: bool, desc: str = "prepare-shards", file=None):
         self.kept = 0
         self.skipped: collections.Counter = collections.Counter()
-        self._bar = tqdm(desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
+        self._bar = tqdm(desc=desc, unit="img", disable=not enabled, dynamic_ncols=file is None, file=file)
 
     @property
     def done(self) -> int:

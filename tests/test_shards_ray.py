@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -39,8 +40,10 @@ def _config(inp, out, **kw) -> PrepareConfig:
 
 def test_ray_writes_the_same_samples_as_local(local_ray, messy_folder, tmp_path):  # noqa: F811
     folder, good, bad = messy_folder
+    copy = tmp_path / "photos"  # the same photos (sources are relative paths), grown at the end
+    shutil.copytree(folder, copy, symlinks=True)
     local = prepare_shards(_config(folder, tmp_path / "local"))
-    dist = prepare_shards(_config(folder, tmp_path / "ray", distributor="ray", partition_size=5))
+    dist = prepare_shards(_config(copy, tmp_path / "ray", distributor="ray", partition_size=5))
     assert dist["partitions"] == {"done_before": 0, "run_now": 4}  # 16 photos / 5
     assert local["num_samples"] == dist["num_samples"] == len(good)
     assert shard_digests(tmp_path / "local") == shard_digests(tmp_path / "ray")
@@ -50,14 +53,18 @@ def test_ray_writes_the_same_samples_as_local(local_ray, messy_folder, tmp_path)
     for shard in m_ray["shards"]:
         assert file_sha256(tmp_path / "ray" / shard["name"]) == shard["sha256"]
     # Rerun: every partition is complete, so Ray is not even needed; mixing distributors is refused.
-    again = prepare_shards(_config(folder, tmp_path / "ray", distributor="ray", partition_size=5))
+    again = prepare_shards(_config(copy, tmp_path / "ray", distributor="ray", partition_size=5))
     assert again["processed_now"] == 0 and again["partitions"] == {"done_before": 4, "run_now": 0}
     with pytest.raises(SettingsMismatch, match="--distributor ray"):
-        prepare_shards(_config(folder, tmp_path / "ray"))
+        prepare_shards(_config(copy, tmp_path / "ray"))
     with pytest.raises(SettingsMismatch, match="--distributor local"):
         prepare_shards(_config(folder, tmp_path / "local", distributor="ray"))
     with pytest.raises(SettingsMismatch, match="partition_size"):
-        prepare_shards(_config(folder, tmp_path / "ray", distributor="ray", partition_size=6))
+        prepare_shards(_config(copy, tmp_path / "ray", distributor="ray", partition_size=6))
+    # A photo added in front shifts every partition: refused (it would redo inputs done in another one).
+    shutil.copy(copy / "hopper.jpg", copy / "aaa_first.jpg")
+    with pytest.raises(SettingsMismatch, match="partition p000000 .* other inputs"):
+        prepare_shards(_config(copy, tmp_path / "ray", distributor="ray", partition_size=5))
 
 
 def _descendants(pid: int) -> list[int]:
