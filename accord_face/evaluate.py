@@ -229,6 +229,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     jobs = [(n, i, s) for n in identities for i in range(len(prompts)) for s in cfg.scales]
     records = [done[sample_key(n, i, s, sd)] for n, i, s in jobs for sd in cfg.seeds]
+    if cfg.coupling_samples:
+        log.info("coupling diagnostics: %d held-out samples x %d timesteps (4 UNet branches each), then the "
+                 "PDLoss cosine gap over %d prompts", cfg.coupling_samples, cfg.coupling_timesteps, len(prompts))
     coupling = coupling_diagnostics(gen, cfg, identities, prompts, cond_embeds)
     result = {
         "schema_version": SCHEMA_VERSION,

@@ -171,7 +171,9 @@ def dependence_discrepancy(unet, scheduler, latents: torch.Tensor, text_joint: t
         added["time_ids"] = time_ids.repeat(4, 1).to(device, dtype)  # (4B, 6)
     grid = diagnostic_timesteps(T, num_timesteps)
     weighted, deltas, ts = [], [], []
-    for t in grid.tolist():
+    from tqdm.auto import tqdm
+
+    for t in tqdm(grid.tolist(), desc="coupling (timesteps)", leave=False):
         tb = torch.full((b,), t, dtype=torch.long)
         x_t = scheduler.add_noise(latents.float().cpu(), noise.float().cpu(), tb).to(device)
         out = unet(x_t.repeat(4, 1, 1, 1).to(dtype), tb.repeat(4).to(device), encoder_hidden_states=text4,

@@ -168,3 +168,17 @@ def test_compare_names_differing_settings_and_refuses_other_seeds(tmp_path, caps
     c = _metrics_dir(tmp_path / "c", [0], 0.5)
     assert main(["evaluate", "--compare", a, c]) == 0   # only the adapter differs: deltas are meaningful
     assert "seeds differs" not in capsys.readouterr().out
+
+
+def test_encoder_trainer_refuses_uncached_hub_ids_before_loading(tmp_path, monkeypatch, no_models):
+    from accord_face.config import ConfigError, load_config
+    from accord_face.train import TrainConfig
+    from accord_face.train.config import preflight
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "s-000000.tar").write_bytes(b"")
+    for key in ("pretrained_model", "clip_model"):
+        cfg = load_config(TrainConfig, None, [f"shards={tmp_path / 'shards'}", f"{key}=nobody/not-cached"])
+        with pytest.raises(ConfigError, match=f"{key} nobody/not-cached: not a local folder and not in the hub cache"):
+            preflight(cfg)

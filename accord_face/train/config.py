@@ -244,6 +244,13 @@ def preflight(cfg: TrainConfig) -> ShardInfo:
 
     if not cfg.shards:
         raise ConfigError("'shards' is empty: set shards=<folder of *.tar> (write them with scripts/prepare_shards.py)")
+    from ..checks import UsageError, check_hub_reachable
+
+    try:  # an uncached hub id under HF_HUB_OFFLINE=1 fails now, not after the other models loaded
+        check_hub_reachable(cfg.pretrained_model, "pretrained_model")
+        check_hub_reachable(cfg.clip_model, "clip_model", probe="config.json")
+    except UsageError as err:
+        raise ConfigError(str(err)) from None
     try:
         urls = list_shards(cfg.shards)
     except FileNotFoundError as err:
