@@ -68,11 +68,20 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except AnalysisFailure as err:
         parser.exit(1, f"prepare_shards: error: {err}\n(committed work is kept: rerun to resume)\n")
     except Exception as err:
+        from concurrent.futures.process import BrokenProcessPool
+
+        from accord_face.train.errors import user_error
         from .distributed import PartitionFailure
 
         if isinstance(err, PartitionFailure):
             parser.exit(1, f"prepare_shards: error: {err}\n")
-        raise
+        if isinstance(err, BrokenProcessPool):
+            parser.exit(2, "prepare_shards: error: a worker process died (killed, or out of memory); committed "
+                           "shards are kept: rerun the same command to resume (fewer --workers if memory is short)\n")
+        line = user_error(err)  # disk full, quota, read-only or unwritable --output: one line naming the path
+        if line is None:
+            raise
+        parser.exit(2, f"prepare_shards: error: {line}\n")
     print(format_summary(summary))
     if args.summary_json:
         with open(args.summary_json, "w", encoding="utf-8") as fh:

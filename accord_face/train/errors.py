@@ -14,7 +14,8 @@ __all__ = ["user_error", "DISK_ERRNOS"]
 
 DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                errno.EFBIG: "the file is larger than allowed (ulimit -f?)", errno.EROFS: "the file system is read-only",
-               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+               errno.ENOTDIR: "a part of the path is a file, not a folder", errno.EISDIR: "the path is a folder"}
 
 
 def _one_line(text: str) -> str:
@@ -48,6 +49,7 @@ def user_error(err: BaseException) -> Optional[str]:
         where = getattr(err, "filename", None)
         fix = "free space (or raise the limit) and rerun the same command: it resumes from the last complete " \
               "checkpoint" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else \
+              "pick a folder path whose parents are folders" if code in (errno.ENOTDIR, errno.EISDIR) else \
               "make the output folder writable or pick another output_dir"
         return _one_line(f"{where + ': ' if where else ''}{DISK_ERRNOS[code]} ({type(err).__name__}: "
                          f"{str(err)[:200]}); {fix}")
