@@ -17,26 +17,38 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The whole flow on the embedded default (a few minutes on 2 CPU cores, offline):
-# public-domain portraits from installed packages -> shards (YuNet + SFace) ->
-# tiny encoder trained under the deepspeed launcher with ACCORD on -> exported
-# adapter -> zero-shot samples through stock diffusers. Rerunning resumes.
+# The whole flow, offline, in about 10 minutes on 2 CPU cores (README "The identity world"):
+# 1. the real face path: public-domain portraits from installed packages -> shards (YuNet + SFace);
+# 2. the learning happens in the identity world: synthetic people -> shards (world detector +
+#    recognizer) -> IP-Adapter-FaceID trained on embedded:faces under the deepspeed launcher with
+#    ACCORD on -> exported adapter -> zero-shot evaluation on 50 held-out people (identity with vs
+#    without the adapter, retrieval, context accuracy, CLIP-T) -> accord-face generate on one of them.
+# Every step resumes or is skipped when rerun.
 DEMO := outputs/demo
-DEMO_STEPS ?= 40
+DEMO_IDS ?= 1500
+DEMO_STEPS ?= 400
+DEMO_EVAL_IDS ?= 50
 DEMO_PORT ?= 29731
 demo: $(STAMP)
 	$(PY) -c "from data_pipelines.embedded import write_embedded_photos as w; w('$(DEMO)/photos')"
 	$(PY) scripts/prepare_shards.py --input $(DEMO)/photos --output $(DEMO)/shards --no-progress
-	$(VENV)/bin/deepspeed --num_gpus 1 --master_port $(DEMO_PORT) scripts/train_encoder.py --config configs/tiny.yaml \
-		shards=$(DEMO)/shards output_dir=$(DEMO)/train max_steps=$(DEMO_STEPS)
-	$(PY) -m accord_face.cli generate --adapter $(DEMO)/train/adapter --face $(DEMO)/photos/grace_hopper_orig.jpg \
-		--prompt "a photo of a person on a beach" --prompt "a photo of a person in a city street at night" \
-		--num-images 2 --out $(DEMO)/generate
-	@echo "[demo] shards:           $(DEMO)/shards (manifest.json, skipped.jsonl)"
-	@echo "[demo] training logs:    $(DEMO)/train/logs (tensorboard --logdir $(DEMO)/train/logs), $(DEMO)/train/metrics.jsonl"
-	@echo "[demo] validation grids: $(DEMO)/train/samples"
-	@echo "[demo] adapter:          $(DEMO)/train/adapter (pipe.load_ip_adapter(dir, subfolder='', weight_name='ip_adapter.safetensors', image_encoder_folder=None))"
-	@echo "[demo] zero-shot grid:   $(DEMO)/generate/grid.png"
+	$(PY) -m accord_face.world photos --out $(DEMO)/world-photos --identities 0:$(DEMO_IDS) --per-identity 4
+	$(PY) scripts/prepare_shards.py --input $(DEMO)/world-photos --output $(DEMO)/world-shards --backend world \
+		--resolution 64 --context-scale 8 --min-image-size 32 --workers 2 --no-progress
+	$(VENV)/bin/deepspeed --num_gpus 1 --master_port $(DEMO_PORT) scripts/train_encoder.py --config configs/faces.yaml \
+		shards=$(DEMO)/world-shards output_dir=$(DEMO)/world-train max_steps=$(DEMO_STEPS)
+	$(PY) -m accord_face.world evaluate --adapter $(DEMO)/world-train/adapter --out $(DEMO)/eval \
+		--identities $(DEMO_EVAL_IDS)
+	$(PY) -m accord_face.cli generate --adapter $(DEMO)/world-train/adapter --face $(DEMO)/eval/references/h2000.png \
+		--prompt "a photo of a person wearing a yellow shirt and glasses on a purple background" \
+		--prompt "a close up photo of a person wearing a white shirt and a hat on a green background" \
+		--num-images 2 --steps 25 --guidance 4 --out $(DEMO)/generate
+	@echo "[demo] real-photo shards: $(DEMO)/shards (manifest.json, skipped.jsonl)"
+	@echo "[demo] world shards:      $(DEMO)/world-shards"
+	@echo "[demo] training logs:     $(DEMO)/world-train/logs (tensorboard --logdir ...), $(DEMO)/world-train/metrics.jsonl"
+	@echo "[demo] adapter:           $(DEMO)/world-train/adapter (pipe.load_ip_adapter(dir, subfolder='', weight_name='ip_adapter.safetensors', image_encoder_folder=None))"
+	@echo "[demo] evaluation:        $(DEMO)/eval/metrics.json, $(DEMO)/eval/grid.png (reference | adapter | no adapter)"
+	@echo "[demo] zero-shot grid:    $(DEMO)/generate/grid.png"
 
 # LoRA path on the embedded default (tiny pipeline + synthetic references made at run time).
 .PHONY: demo-lora

@@ -53,8 +53,8 @@ class UnetConfig:
 
 @dataclass
 class RecognizerConfig:
-    steps: int = field(2500, help="training steps (CosFace margin over the training identities)")
-    batch_size: int = field(128, help="aligned crops per step")
+    steps: int = field(1500, help="training steps (CosFace margin over the training identities)")
+    batch_size: int = field(96, help="aligned crops per step")
     lr: float = field(2e-3, help="AdamW learning rate")
     margin: float = field(0.3, help="CosFace additive margin m in cos(theta) - m")
     scale: float = field(24.0, help="CosFace logit scale s")
@@ -71,7 +71,7 @@ class DetectorConfig:
 
 @dataclass
 class JudgeConfig:
-    steps: int = field(1500, help="attribute-classifier training steps on augmented renders")
+    steps: int = field(1000, help="attribute-classifier training steps on augmented renders")
     batch_size: int = field(64, help="images per step")
     lr: float = field(2e-3, help="AdamW learning rate")
     seed: int = field(6, help="init / data seed")

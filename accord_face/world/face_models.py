@@ -92,9 +92,8 @@ class RecognizerA(nn.Module):
         super().__init__()
         def down(a, b):
             return nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU())
-        self.body = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-                                  _Res(32), down(32, 64), _Res(64), down(64, 96), _Res(96), down(96, 96),
-                                  nn.AdaptiveAvgPool2d(3))               # (N, 96, 3, 3)
+        self.body = nn.Sequential(down(3, 32), _Res(32), down(32, 64), _Res(64), down(64, 96), _Res(96),
+                                  nn.AdaptiveAvgPool2d(3))               # 24 -> 12 -> 6 px, then (N, 96, 3, 3)
         self.fc = nn.Linear(96 * 9, self.dim)
         self.bn = nn.BatchNorm1d(self.dim)
 

@@ -3,7 +3,8 @@
 ``write_training_photos``: PNG files with a ``metadata.jsonl`` (file name, caption,
 ``person_id``), identities from the training split. ``write_reference_photos``: one
 reference photo per held-out identity (a loose photo is one identity for
-``accord-face evaluate``) and ``references.json`` with each one's context.
+``accord-face evaluate``), ``references.json`` with each one's context and a
+``metadata.jsonl`` with their captions.
 Both are resumable: a photo already on disk is kept (names are deterministic).
 """
 
@@ -66,11 +67,13 @@ def write_reference_photos(folder: str | os.PathLike, n_identities: int, seed: i
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(10_000 + seed)
-    refs = {}
+    refs, lines = {}, []
     for i in range(first, first + n_identities):
         ctx = random_context(rng)
         name = f"h{i:04d}"
         _save_png(render(i, ctx, 50_000 + seed).image, folder / f"{name}.png")
         refs[name] = {"identity": i, "file": f"{name}.png", "context": ctx.attributes()}
+        lines.append(json.dumps({"file_name": f"{name}.png", "caption": caption(ctx), "person_id": name}))
     _write_lines(folder / "references.json", [json.dumps(refs, indent=1)])
+    _write_lines(folder / "metadata.jsonl", lines)  # captions, for shards of the references
     return refs
