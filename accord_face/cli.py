@@ -261,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                  "write compare.md and compare_tradeoff.png (nothing written without it)", shown=None)
     p.set_defaults(func=cmd_evaluate)
 
+    # The trainers keep their own command lines (accord_face/train/cli.py, accord_face/lora/cli.py); main()
+    # hands them everything after the command name. Listed here for --help.
+    for name, what in TRAINERS.items():
+        sub.add_parser(name, help=what[1], add_help=False)
+
     p = sub.add_parser("export", help="write an exported adapter or LoRA in another tool's layout "
                        "(ComfyUI_IPAdapter_plus / tencent IP-Adapter, kohya / A1111)")
     p.add_argument("--adapter", help="identity adapter folder (OUTPUT/adapter) -> --format comfyui")
@@ -318,11 +323,25 @@ def cmd_prepare_shards(args: argparse.Namespace) -> int:
     return run(args, args._parser)
 
 
+TRAINERS = {
+    "train-encoder": ("accord_face.train.cli", "train an identity encoder with ACCORD under DeepSpeed "
+                      "(accord-face train-encoder --help; = scripts/train_encoder.py)"),
+    "train-lora": ("accord_face.lora.cli", "train a subject / style LoRA with ACCORD "
+                   "(accord-face train-lora --help; = scripts/train_lora.py)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     from .quiet import quiet_third_party
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TRAINERS:
+        import importlib
+
+        sys.argv[0] = f"accord-face {argv[0]}"   # the trainer's argparse names itself after argv[0]
+        return importlib.import_module(TRAINERS[argv[0]][0]).main(argv[1:])
     _offline_defaults()
-    quiet_third_party(verbose="--verbose" in (sys.argv[1:] if argv is None else argv))
+    quiet_third_party(verbose="--verbose" in argv)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Callable, Union
 
-__all__ = ["ENCODER_FLAGS", "LORA_FLAGS", "flags_to_overrides", "split_argv", "resolve_config_path"]
+__all__ = ["ENCODER_FLAGS", "LORA_FLAGS", "flags_to_overrides", "split_argv", "resolve_config_path", "config_dirs"]
 
 Mapping = Union[str, Callable[[str], list[str]]]   # key, or value -> overrides
 
@@ -146,14 +146,30 @@ def split_argv(argv: list[str], script_flags: dict[str, bool]) -> tuple[list[str
     return own, rest
 
 
+def config_dirs() -> list:
+    """Where bundled configs live: ``configs/`` of a source checkout, and ``<prefix>/share/accord-face/configs``
+    of a wheel install (pyproject ``data-files``)."""
+    import sys
+    from pathlib import Path
+
+    return [Path(__file__).resolve().parents[1] / "configs", Path(sys.prefix) / "share" / "accord-face" / "configs"]
+
+
 def resolve_config_path(name: str | None) -> str | None:
-    """``--config tiny`` -> the bundled ``configs/tiny.yaml``; a path that exists is used as given."""
+    """``--config tiny`` -> the bundled ``configs/tiny.yaml``; a path that exists is used as given.
+
+    ``configs/x.yaml`` that does not exist relative to the working directory is looked up in the
+    bundled folders too (a wheel install run from anywhere).
+    """
     from pathlib import Path
 
     if name is None or Path(name).exists():
         return name
-    bundled = Path(__file__).resolve().parents[1] / "configs"
-    for candidate in (bundled / name, bundled / f"{name}.yaml"):
-        if candidate.is_file():
-            return str(candidate)
+    rel = Path(name)
+    if rel.parts and rel.parts[0] == "configs":
+        rel = Path(*rel.parts[1:])
+    for folder in config_dirs():
+        for candidate in (folder / rel, folder / f"{rel}.yaml"):
+            if candidate.is_file():
+                return str(candidate)
     return name   # load_config names the missing file

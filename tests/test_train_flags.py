@@ -46,3 +46,14 @@ def test_split_argv_keeps_order_and_the_launchers_flag():
     assert own == ["--config", "tiny", "--local_rank=0", "--verbose"] and rest == ["--output_dir", "x", "a=1"]
     assert resolve_config_path("tiny").endswith("configs/tiny.yaml")
     assert resolve_config_path("no-such-config") == "no-such-config"
+
+
+def test_accord_face_dispatches_the_trainers(capsys):
+    from accord_face.cli import main
+
+    assert main(["train-lora", "--describe"]) == 0
+    assert "lora.rank (int, default 4)" in capsys.readouterr().out
+    assert main(["train-encoder", "--describe"]) == 0
+    assert "export_format (one of 'diffusers' | 'comfyui'" in capsys.readouterr().out
+    assert main(["train-lora", "--output_dir"]) == 2
+    assert "--output_dir needs a value" in capsys.readouterr().err

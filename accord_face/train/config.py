@@ -271,7 +271,9 @@ def preflight(cfg: TrainConfig) -> ShardInfo:
     rec["embedding_dim"] = int(dim) if dim is not None else cfg.encoder.id_embed_dim
     ds_path = Path(cfg.deepspeed.config)
     if not ds_path.is_file() and not ds_path.is_absolute():
-        bundled = Path(__file__).resolve().parents[2] / ds_path   # configs/ beside the package (source checkout)
+        from ..train_flags import resolve_config_path
+
+        bundled = Path(resolve_config_path(str(ds_path)))   # configs/ of the checkout or of a wheel install
         if bundled.is_file():
             cfg.deepspeed.config = str(bundled)
             ds_path = bundled
