@@ -45,15 +45,42 @@ def _has_lora(model: torch.nn.Module) -> bool:
 
 
 def _replace_dir(tmp: Path, folder: Path) -> None:
-    """Move the finished ``tmp`` folder to ``folder``, replacing any old one."""
-    old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    tmp.rename(folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Put the finished ``tmp`` folder in the place of ``folder`` with no moment without one.
+
+    Files are fsynced and given umask permissions (not mkdtemp's 0700); an existing ``folder`` is
+    swapped with ``tmp`` in one ``renameat2(RENAME_EXCHANGE)`` (elsewhere: file by file with
+    ``os.replace``), and the old content, now in ``tmp``, is removed by the caller.
+    """
+    import os
+
+    from ..adapter import _exchange
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+        f.chmod(0o666 & ~umask)
+    tmp.chmod(0o777 & ~umask)
+    if not folder.is_dir():
+        tmp.rename(folder)
+    elif not _exchange(tmp, folder):
+        names = {f.name for f in tmp.iterdir()}
+        for stale in folder.iterdir():
+            if stale.is_file() and stale.name not in names:
+                stale.unlink()
+        for name in sorted(names):
+            os.replace(tmp / name, folder / name)
+
+
+def _temp_dir(folder: Path) -> Path:
+    """A fresh ``.NAME.tmp.<pid>.*`` sibling of ``folder``, after removing those of dead writers."""
+    import os
+
+    from ..adapter import _clean_stale_temps
+
+    _clean_stale_temps(folder)
+    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp.{os.getpid()}.", dir=folder.parent))
 
 
 def learned_token_state(models: LoraModels) -> dict[str, torch.Tensor]:
@@ -73,7 +100,7 @@ def export_lora(models: LoraModels, folder: str | Path) -> Path:
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = _temp_dir(folder)
     try:
         def layers(model):
             sd = get_peft_model_state_dict(model)
@@ -163,7 +190,7 @@ def save_checkpoint(root: str | Path, step: int, models: LoraModels, optimizer: 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CHECKPOINT_PREFIX}{step:08d}"   # the encoder trainer's step-N width
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    tmp = _temp_dir(final)
     try:
         save_file(trainable_state(models), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

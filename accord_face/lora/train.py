@@ -156,6 +156,12 @@ def train_lora(cfg: LoraTrainConfig, log=None) -> dict:
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     preflight(cfg)
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0:  # one run per output folder (a second one stops here, one line)
+        from ..train.guard import OutputLock, check_output_dir
+
+        check_output_dir(Path(cfg.output_dir))
+        lock = OutputLock(Path(cfg.output_dir))
     cuda = torch.cuda.is_available()
     # Several CPU processes (accelerate launch on a laptop, tests) talk over gloo; a lone process needs no group.
     gloo = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -268,6 +274,8 @@ def train_lora(cfg: LoraTrainConfig, log=None) -> dict:
         export(models, cfg, out / "lora", log)
     barrier(accelerator)
     log(f"[lora] LoRA weights: {out / 'lora'}" + (f"; validation grid: {grid}" if grid else ""))
+    if lock:
+        lock.release()
     return {"output_dir": str(out), "lora_dir": str(out / "lora"), "grid": str(grid) if grid else None,
             "last": last, "start_step": start, "models": models}
 

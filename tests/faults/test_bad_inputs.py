@@ -191,3 +191,19 @@ def test_a_float_written_1e_4_is_read_as_a_number_everywhere(tmp_path, source):
         for part in key.split("."):
             value = getattr(value, part)
         assert value == pytest.approx(1e-4) and isinstance(value, float), key
+
+
+def test_the_lora_trainer_refuses_a_locked_output_folder(tiny_pipeline_dir, tmp_path):
+    from accord_face.lora.config import LoraTrainConfig
+    from accord_face.lora.train import train_lora
+
+    out = tmp_path / "lora_out"
+    out.mkdir()
+    cfg = load_config(LoraTrainConfig, ROOT / "configs" / "lora_tiny.yaml",
+                      [f"pretrained_model={tiny_pipeline_dir}", f"output_dir={out}", "max_steps=1"])
+    lock = OutputLock(out)
+    try:
+        with pytest.raises(ConfigError, match="is in use by another run"):
+            train_lora(cfg, log=lambda *a: None)
+    finally:
+        lock.release()

@@ -125,3 +125,44 @@ def test_disk_full_while_writing_the_weights_keeps_the_old_adapter(tmp_path, mon
     monkeypatch.undo()
     _export(folder, 3.0)                                               # space freed: the rerun completes
     assert _value(folder) == 3.0
+
+
+def test_lora_folder_swap_has_no_gap_and_normal_permissions(tmp_path):
+    """The LoRA trainer's export and checkpoint folders go through the same swap."""
+    from accord_face.lora.export import _replace_dir, _temp_dir
+
+    folder = tmp_path / "lora"
+    stop, failures = threading.Event(), []
+
+    def write(i: int) -> None:
+        tmp = _temp_dir(folder)
+        (tmp / "pytorch_lora_weights.safetensors").write_text(str(i))
+        _replace_dir(tmp, folder)
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+
+    write(0)
+
+    def reader():
+        while not stop.is_set():
+            try:
+                int((folder / "pytorch_lora_weights.safetensors").read_text())
+            except Exception as err:  # noqa: BLE001
+                failures.append(repr(err))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for i in range(1, 40):
+        write(i)
+    stop.set()
+    t.join()
+    assert failures == [] and (folder / "pytorch_lora_weights.safetensors").read_text() == "39"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
