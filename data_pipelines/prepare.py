@@ -55,8 +55,8 @@ class PrepareConfig:
                                                  "insightface: root holding models/<model_name>/")
     model_name: Optional[str] = field(None, help="insightface model pack name (default buffalo_l); world: "
                                                  "recognizer a (conditioning, default) or b (evaluation)")
-    workers: int = field(0, help="worker processes (0: analyse in this process); with --distributor ray: "
-                                 "Ray tasks at once (0: one per CPU of the cluster)")
+    workers: int = field(0, help="worker processes (0: analyse in this process); with --distributor ray: at "
+                                 "most 2 x this many partitions in flight (0: from the cluster's CPUs)")
     threads_per_worker: int = field(1, help="onnxruntime threads per worker")
     batch_size: int = field(16, help="photos per recognition batch: their aligned face crops go through the "
                                      "recognizer as one onnxruntime call")
