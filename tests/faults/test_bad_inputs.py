@@ -71,7 +71,7 @@ CASES = {
                                              "embedding size mismatch"),
     "unknown embedded size": (["pretrained_model=embedded:huge"], "names no embedded size"),
     "base model folder that is not a pipeline": (["pretrained_model=/tmp"], "no model_index.json"),
-    "missing base model folder": (["pretrained_model=./models/nothing"], "does not exist"),
+    "missing base model folder": (["pretrained_model=./models/nothing"], "models/nothing"),
     "hub id while offline": (["pretrained_model=someone/not-cached-model"], "HF_HUB_OFFLINE=1"),
     "resume folder that does not exist": (["resume=/nonexistent/step-00000003"], "does not exist"),
 }
