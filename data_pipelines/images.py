@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from accord_face.face import FaceAnalyzer, align_face
+from accord_face.face import FaceAnalyzer
 
 # Every reason a photo can be rejected; skipped.jsonl uses these codes.
 REASONS = {
