@@ -42,7 +42,7 @@ class VaeConfig:
 class UnetConfig:
     channels: list[int] = field(default_factory=lambda: [48, 96, 128], help="UNet block widths on the 16x16 latent")
     heads: int = field(4, help="attention heads per transformer block")
-    steps: int = field(2400, help="denoising training steps from scratch")
+    steps: int = field(1800, help="denoising training steps from scratch")
     batch_size: int = field(32, help="latents per step")
     lr: float = field(6e-4, help="AdamW learning rate (warm-up 200 steps)")
     ema_decay: float = field(0.999, help="EMA decay; the EMA weights are the ones saved")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .build import cache_root, finish_stage, load_pool, stage_tmp
+from .build import cache_root, finish_stage, load_pool, stage_config, stage_tmp
 from .config import WorldConfig
 
 log = logging.getLogger("accord_face.world")
@@ -49,7 +50,11 @@ def run_unet(cfg: WorldConfig) -> dict:
     pool = load_pool(cfg)
     _, text, tok = _clip_parts(cfg)
     vae = AutoencoderKL.from_pretrained(cache_root(cfg) / "vae").eval()
-    unet = train_unet(cfg.unet, pool, vae, text, tok, cache_root(cfg) / "unet_work")
+    # Checkpoints and cached latents belong to this config (the step count aside: a longer run resumes).
+    key = stage_config(cfg, "unet")
+    key["unet"] = {k: v for k, v in key["unet"].items() if k not in ("steps", "checkpoint_every")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    unet = train_unet(cfg.unet, pool, vae, text, tok, cache_root(cfg) / f"unet_work-{digest}")
     tmp = stage_tmp(cfg, "unet")
     unet.save_pretrained(tmp, safe_serialization=True)
     finish_stage(cfg, "unet", tmp, {"params_m": sum(p.numel() for p in unet.parameters()) / 1e6})

@@ -98,7 +98,13 @@ def train_unet(cfg: UnetConfig, pool: Pool, vae, text_encoder, tokenizer, work: 
         rng.bit_generator.state = ck["rng"]
         gen.set_state(ck["gen"])
         log.info("world UNet: resuming at step %d", step)
-    means, stds = encode_pool(vae, pool)
+    latents = work / "latents.pt"  # encoding the pool takes minutes: kept for a resumed run
+    if latents.is_file():
+        cached = torch.load(latents, weights_only=True)
+        means, stds = cached["mean"], cached["std"]
+    else:
+        means, stds = encode_pool(vae, pool)
+        _save({"mean": means, "std": stds}, latents)
     sf = float(vae.config.scaling_factor)
     text = TextCache(text_encoder, tokenizer)
     T = sched.config.num_train_timesteps
@@ -131,4 +137,5 @@ def train_unet(cfg: UnetConfig, pool: Pool, vae, text_encoder, tokenizer, work: 
             _save({"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                    "rng": rng.bit_generator.state, "gen": gen.get_state()}, ckpt_path)
     ckpt_path.unlink(missing_ok=True)
+    latents.unlink(missing_ok=True)
     return ema.eval()

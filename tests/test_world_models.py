@@ -1,0 +1,133 @@
+"""The identity world's trained models through the real paths: stock diffusers, onnxruntime, shards, trainer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def world_dir(_embedded_cache):
+    from accord_face.tiny import resolve_pretrained
+
+    return Path(resolve_pretrained("embedded:faces"))
+
+
+def test_world_pipeline_loads_with_stock_diffusers_offline(world_dir):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel, CLIPTextModelWithProjection
+
+    pipe = StableDiffusionPipeline.from_pretrained(world_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a photo of a person wearing a red shirt on a blue background", num_inference_steps=2,
+               guidance_scale=3.0, height=64, width=64, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+    proj = CLIPTextModelWithProjection.from_pretrained(world_dir / "text_encoder_projection")
+    ids = pipe.tokenizer(["a photo of a person"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():   # the projection model's tower is the pipeline's text encoder
+        torch.testing.assert_close(proj(ids).last_hidden_state, pipe.text_encoder(ids)[0])
+    clip = CLIPModel.from_pretrained(world_dir / "world_clip")
+    assert clip.config.text_config.hidden_size == pipe.unet.config.cross_attention_dim
+
+
+def _held_out(n_ids, per_id):
+    from accord_face.world.face_models import held_out_photos
+
+    return held_out_photos(n_ids, per_id, seed=5)
+
+
+@pytest.mark.parametrize("name,dim", [("a", 128), ("b", 96)])
+def test_world_recognizers_separate_unseen_people(world_dir, name, dim):
+    from accord_face.face import load_face_analyzer
+
+    analyzer = load_face_analyzer("world", world_dir / "face_models", name)
+    assert analyzer.embedding_dim == dim and analyzer.recognizer_name == f"world_{name}"
+    imgs, ids, _ = _held_out(12, 3)
+    faces = [analyzer.analyze(im, max_faces=1) for im in imgs]
+    assert all(len(f) == 1 for f in faces)
+    emb = np.stack([f[0].embedding for f in faces])
+    sim = emb @ emb.T
+    same = ids[:, None] == ids[None, :]
+    off = ~np.eye(len(ids), dtype=bool)
+    assert sim[same & off].mean() - sim[~same].mean() > 0.4
+    # batched onnxruntime call == one crop at a time
+    crops = [analyzer.align(im, f[0].landmarks) for im, f in zip(imgs[:4], faces[:4])]
+    np.testing.assert_allclose(analyzer.embed_aligned_batch(crops), np.stack([analyzer.embed_aligned(c) for c in crops]),
+                               atol=1e-5)
+    # a background without a person is not a face
+    from accord_face.world.render import Context, render_empty
+
+    assert analyzer.detect(render_empty(Context("green", "red"), 3)) == []
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def _prepare(photos: Path, shards: Path):
+    cmd = [sys.executable, "scripts/prepare_shards.py", "--input", str(photos), "--output", str(shards),
+           "--backend", "world", "--resolution", "64", "--context-scale", "8", "--min-image-size", "32",
+           "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_world_shards_read_back_with_the_conditioning_embedding(world_dir, tmp_path):
+    from PIL import Image
+
+    from accord_face.data import build_dataset
+    from accord_face.face import load_face_analyzer
+    from accord_face.world.photos import write_training_photos
+
+    write_training_photos(tmp_path / "photos", range(3), 2, progress=False)
+    _prepare(tmp_path / "photos", tmp_path / "shards")
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 6 and manifest["embedding_dim"] == 128
+    assert manifest["recognizer"]["name"] == "world_a" and manifest["recognizer"]["backend"] == "world"
+    analyzer = load_face_analyzer("world", world_dir / "face_models", "a")
+    samples = list(build_dataset(str(tmp_path / "shards"), resolution=64, shuffle_buffer=0, split_by_node=False,
+                                 split_by_worker=False))
+    assert len(samples) == 6
+    meta = [json.loads(line) for line in (tmp_path / "photos" / "metadata.jsonl").read_text().splitlines()]
+    captions = {m["caption"] for m in meta}
+    for s in samples:
+        assert s["face_embedding"].shape == (128,) and s["caption"] in captions
+    # the stored embedding is the recognizer's embedding of the photo
+    first = np.asarray(Image.open(tmp_path / "photos" / meta[0]["file_name"]).convert("RGB"))
+    ref = analyzer.analyze(first)[0].embedding
+    best = max(float(np.dot(ref, s["face_embedding"].numpy())) for s in samples)
+    assert best > 0.999
+
+
+@pytest.mark.slow
+def test_short_training_lowers_heldout_denoising_loss(world_dir, tmp_path):
+    """A few minutes of the real trainer (deepspeed launcher, ACCORD on): the adapter denoises photos of
+    people it never saw better than the untrained adapter, at identical noise and timesteps."""
+    from accord_face.world.heldout import heldout_loss
+    from accord_face.world.photos import write_reference_photos, write_training_photos
+
+    write_training_photos(tmp_path / "photos", range(0, 400), 2, progress=False)
+    _prepare(tmp_path / "photos", tmp_path / "shards")
+    write_reference_photos(tmp_path / "held", 48)
+    _prepare(tmp_path / "held", tmp_path / "held_shards")
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", "29847",
+           "scripts/train_encoder.py", "--config", "configs/faces.yaml", f"shards={tmp_path / 'shards'}",
+           f"output_dir={tmp_path / 'run'}", "max_steps=120", "checkpoint.every_n_steps=0",
+           "validation.num_faces=0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    kw = dict(config=str(ROOT / "configs/faces.yaml"), shards=str(tmp_path / "held_shards"), batches=3)
+    untrained = heldout_loss(adapter=None, **kw)
+    trained = heldout_loss(adapter=str(tmp_path / "run" / "adapter"), **kw)
+    assert trained < untrained, (trained, untrained)
