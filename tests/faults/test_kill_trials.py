@@ -6,7 +6,8 @@ checkpoint before the end-of-run work) from ``random.Random(seed)``, at strictly
 runs the same command again after each kill (``resume=auto``). At every kill: the adapter on disk loads,
 and the resumed run picks the newest COMPLETE checkpoint. At the end: the adapter equals an uninterrupted
 run's, metrics.jsonl holds each step once, no temp folder and no incomplete checkpoint is left.
-``ACCORD_FACE_SOAK_TRIALS`` scales the number of trials (default: 4 x 1 rank, 2 x 2 ranks; 5 kills each).
+``ACCORD_FACE_SOAK_TRIALS`` scales the number of trials (default: 4 x 1 rank, 2 x 2 ranks; 5 kills each),
+``ACCORD_FACE_SOAK_FIRST_SEED`` shifts the seeds (other schedules).
 
 Shard preparation: SIGKILL of the main process after a seeded number of committed shards, 1 and 2
 workers; the rerun holds every input once, no partial shard under a final name, checksums match.
@@ -36,6 +37,7 @@ pytestmark = [pytest.mark.soak, pytest.mark.slow]
 POINTS = ["backward", "save", "export"]          # per step, in the order a step passes them
 MAX_STEPS = 4
 TRIALS = int(os.environ.get("ACCORD_FACE_SOAK_TRIALS", "4"))
+FIRST_SEED = int(os.environ.get("ACCORD_FACE_SOAK_FIRST_SEED", "0"))  # run other schedules: seeds 100*ranks + this + i
 
 
 def schedule(seed: int, kills: int, ranks: int) -> list[str]:
@@ -102,7 +104,7 @@ def test_kill_schedules_resume_to_the_uninterrupted_adapter(data, ranks, trials)
     proc = trainrun.run(pipe, shards, ref, extra, ranks=ranks)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log: list = []
-    for seed in range(trials):
+    for seed in range(FIRST_SEED, FIRST_SEED + trials):
         _trial(base, shards, pipe, ranks, 100 * ranks + seed, ref, log)
     kills = [row for row in log if row[3].startswith("killed")]
     (base / f"trials-r{ranks}.json").write_text(json.dumps(log, indent=1))
