@@ -26,7 +26,7 @@ install: $(STAMP)
 # Every step resumes or is skipped when rerun.
 DEMO := outputs/demo
 DEMO_IDS ?= 1500
-DEMO_STEPS ?= 400
+DEMO_STEPS ?= 600
 DEMO_EVAL_IDS ?= 50
 DEMO_PORT ?= 29731
 demo: $(STAMP)

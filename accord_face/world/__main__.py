@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -71,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             kwargs["default"] = f.default
             kwargs["type"] = type(f.default)
         e.add_argument(flag, dest=f.name, **kwargs)
+    parser.add_argument("--verbose", action="store_true", help="show third-party warnings and progress bars")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..quiet import quiet_third_party, setup_logging
+
+    quiet_third_party(args.verbose)
+    setup_logging(fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "photos":
         from .photos import write_training_photos
 

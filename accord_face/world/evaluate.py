@@ -92,6 +92,7 @@ def run_world_eval(cfg: WorldEvalConfig) -> dict:
     judge = load_judge(world)
     clip = ClipTextScorer.from_pretrained(world / "world_clip")
     gen = FaceIDGenerator(cfg.adapter, None, "cpu")
+    gen.pipe.set_progress_bar_config(disable=True)
 
     rng = np.random.default_rng(cfg.seed)
     ref_b, cond_emb, jobs = {}, {}, []
