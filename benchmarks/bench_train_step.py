@@ -78,8 +78,9 @@ def build(size: str, device: torch.device, dtype: torch.dtype, resolution: int):
         p.data = p.data.float()
     if dtype != torch.float32:
         model.encoder.float()
-    text_encoder = comps["text_encoder"].to(device=device, dtype=dtype)
-    clip = comps["text_encoder_projection"].to(device=device, dtype=dtype)
+    # frozen as load_frozen_parts makes them (else PDLoss would also back-propagate into text_projection)
+    text_encoder = comps["text_encoder"].requires_grad_(False).to(device=device, dtype=dtype)
+    clip = comps["text_encoder_projection"].requires_grad_(False).to(device=device, dtype=dtype)
     parts = link_pd_text_features(FrozenParts(
         path="embedded:" + size, is_sdxl=False, vae=comps["vae"], tokenizers=[comps["tokenizer"]],
         text_encoders=[text_encoder], scheduler=comps["scheduler"], clip=clip, clip_tokenizer=comps["tokenizer"]))

@@ -123,6 +123,7 @@ def plot_losses(result: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for key, run in result["runs"].items():
@@ -130,6 +131,7 @@ def plot_losses(result: dict, path: Path) -> Path:
         marker = "o" if run["ranks"] == 1 else "x"
         ax.plot(range(1, len(run["loss"]) + 1), run["loss"], style, marker=marker,
                 label=f"ZeRO-{run['stage']}, {run['ranks']} rank{'s' if run['ranks'] > 1 else ''}")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (MSE + DD + PD)")
     ax.set_title(f"1 vs 2 ranks, same global batch {result['global_batch']} (tiny, CPU gloo)")

@@ -52,7 +52,7 @@ class Plan:
     sd15_rounds: int = 2
     loader_samples: int = 256
     loader_rounds: int = 3
-    prep_images: int = 48
+    prep_images: int = 24
     prep_workers: tuple = (0, 1, 2)
     zero_stages: tuple = (0, 1, 2, 3)
     zero_steps: int = 6
