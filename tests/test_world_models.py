@@ -110,7 +110,7 @@ def test_world_shards_read_back_with_the_conditioning_embedding(world_dir, tmp_p
     assert best > 0.999
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_short_training_lowers_heldout_denoising_loss(world_dir, tmp_path):
     """A few minutes of the real trainer (deepspeed launcher, ACCORD on): the adapter denoises photos of
     people it never saw better than the untrained adapter, at identical noise and timesteps."""
