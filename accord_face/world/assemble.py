@@ -58,7 +58,7 @@ def assets_hash(assets: Path | None = None) -> str:
 def _load_fp32(module: torch.nn.Module, path: Path) -> torch.nn.Module:
     from safetensors.torch import load_file
 
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     module.load_state_dict(state)
     return module.eval()
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,15 +67,10 @@ def mean_ci(values) -> dict:
             "per_run": [round(float(x), 5) for x in v]}
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run_world_eval(cfg: WorldEvalConfig) -> dict:
     from ..metrics import ClipTextScorer
-    from ..pipeline import FaceIDGenerator, identity_embedding, make_face_analyzer, read_adapter_config
+    from ..pipeline import (FaceIDGenerator, atomic_write_text, identity_embedding, make_face_analyzer,
+                            read_adapter_config)
     from .assemble import ensure_world_pipeline, load_judge
     from .backend import WorldAnalyzer
     from .judge import predict
@@ -156,7 +150,7 @@ def run_world_eval(cfg: WorldEvalConfig) -> dict:
     metrics["config"] = asdict(cfg)
     metrics["identity_model"] = judge_rec.describe()
     metrics["conditioning_model"] = cond.describe()
-    _atomic_json(out / "metrics.json", metrics)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_grid(out, records, refs, names[:8])
     return metrics
 

@@ -19,21 +19,18 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..pipeline import atomic_save_image, atomic_write_text
+
 from .render import HELD_OUT_START, Context, caption, random_context, render
 
 
 def _save_png(image: np.ndarray, path: Path) -> None:
-    if path.is_file():
-        return
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
+    if not path.is_file():  # deterministic names: a photo on disk is already the right one
+        atomic_save_image(Image.fromarray(image), path)
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 ContextFn = Callable[[int, int, np.random.Generator], Context]

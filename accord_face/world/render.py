@@ -22,6 +22,7 @@ order (image-left eye, image-right eye, nose tip, mouth left, mouth right).
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -121,6 +122,7 @@ def _rng(*keys: int | str) -> np.random.Generator:
     return np.random.default_rng([zlib.crc32(str(k).encode()) for k in keys])
 
 
+@functools.lru_cache(maxsize=None)
 def make_identity(index: int) -> Identity:
     """The person number ``index`` (deterministic: the same person every time)."""
     if not 0 <= index < N_IDENTITIES:

@@ -35,13 +35,6 @@ def _save_module(module: torch.nn.Module, path: Path, half: bool = False) -> Non
     save_file(state, str(path))
 
 
-def _load_module(module: torch.nn.Module, path: Path) -> torch.nn.Module:
-    from safetensors.torch import load_file
-
-    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()})
-    return module.eval()
-
-
 def run_unet(cfg: WorldConfig) -> dict:
     from diffusers import AutoencoderKL
 
@@ -143,7 +136,7 @@ def run_assets(cfg: WorldConfig) -> dict:
     """Copy the trained weights (fp16 safetensors, fp32 ONNX) and their record into the package assets."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from .assemble import RECORD, assets_dir
+    from .assemble import RECORD, _load_fp32, assets_dir
 
     root, out = cache_root(cfg), assets_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +147,7 @@ def run_assets(cfg: WorldConfig) -> dict:
     _save_module(UNet2DConditionModel.from_pretrained(root / "unet"), out / "unet.safetensors", half=True)
     from .judge import Judge
 
-    _save_module(_load_module(Judge(), root / "judge" / "judge.safetensors"), out / "judge.safetensors", half=True)
+    _save_module(_load_fp32(Judge(), root / "judge" / "judge.safetensors"), out / "judge.safetensors", half=True)
     shutil.copy2(root / "detector" / "detector.onnx", out / "detector.onnx")
     for kind in ("a", "b"):
         shutil.copy2(root / f"recognizer_{kind}" / f"recognizer_{kind}.onnx", out / f"recognizer_{kind}.onnx")

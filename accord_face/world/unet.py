@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..testbed.base import atomic_save as _save
 from .config import UnetConfig
 from .pool import Pool, decode_context
 from .render import training_caption
@@ -73,12 +73,6 @@ class TextCache:
             for c, h in zip(new, self.enc(ids)[0]):
                 self.cache[c] = h
         return torch.stack([self.cache[c] for c in captions])
-
-
-def _save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def train_unet(cfg: UnetConfig, pool: Pool, vae, text_encoder, tokenizer, work: Path, progress: bool = True):
