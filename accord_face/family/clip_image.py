@@ -42,6 +42,7 @@ __all__ = ["EMBEDDED_CLIP", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "build_tiny_c
            "face_crop_from_sample"]
 
 EMBEDDED_CLIP = "embedded:clip-vision"
+WORLD_CLIP = "embedded:faces/world_clip"   # the identity world's CLIP (accord_face.world)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -80,7 +81,12 @@ def build_tiny_clip_vision(folder: str | os.PathLike, seed: int = 0, image_size:
 
 
 def resolve_image_encoder(path: str) -> str:
-    """``embedded:clip-vision[:seed]`` -> cached local folder (built on first use); anything else unchanged."""
+    """``embedded:clip-vision[:seed]`` -> cached local folder (built on first use); ``embedded:faces/world_clip``
+    -> the identity world's CLIP (its vision tower); anything else unchanged."""
+    if path == WORLD_CLIP:
+        from ..world.assemble import world_clip_dir
+
+        return str(world_clip_dir())
     if not path.startswith(EMBEDDED_CLIP):
         return path
     from ..tiny import cache_dir

@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["IdentityBank", "draw_count", "person_of"]
+__all__ = ["IdentityBank", "draw_count", "person_of", "scan_shards"]
 
 
 def person_of(meta: dict, key: str) -> str:
@@ -46,6 +46,46 @@ def draw_count(seed: int, step: int, max_photos: int) -> int:
     return int(torch.randint(1, max_photos + 1, (), generator=g))
 
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def scan_shards(urls: list[str], embedding_key: str, *, images: bool = False, progress: bool = True,
+                desc: str = "shards"):
+    """Yield (key, meta, embedding (D,) float32, image bytes | None) for every sample of the shards
+    that has an embedding, reading only the ``json``, ``embedding_key`` (and, with ``images``, the
+    image) members. Unreadable shards are skipped (the data reader counts and logs them)."""
+    from tqdm import tqdm
+
+    wanted = {"json", embedding_key, *(IMAGE_EXTS if images else ())}
+    for url in tqdm(urls, desc=desc, unit="shard", disable=not progress):
+        rows: dict[str, dict] = {}
+        try:
+            with tarfile.open(url) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = member.name.rsplit("/", 1)[-1]
+                    if "." not in base:
+                        continue
+                    key, ext = base.split(".", 1)
+                    if ext not in wanted:
+                        continue
+                    data = tar.extractfile(member).read()
+                    rows.setdefault(f"{member.name[:len(member.name) - len(base)]}{key}", {})[ext] = data
+        except (tarfile.TarError, OSError):
+            continue
+        for key, row in rows.items():
+            if embedding_key not in row:
+                continue
+            emb = np.load(io.BytesIO(row[embedding_key]), allow_pickle=False).astype(np.float32).reshape(-1)
+            try:
+                meta = json.loads(row["json"]) if "json" in row else {}
+            except json.JSONDecodeError:
+                meta = {}
+            image = next((row[e] for e in IMAGE_EXTS if e in row), None)
+            yield key.rsplit("/", 1)[-1], meta, emb, image
+
+
 @dataclass
 class IdentityBank:
     """{person: (keys, embeddings (m, D))}: every photo of every person in the shards."""
@@ -56,35 +96,9 @@ class IdentityBank:
     @classmethod
     def from_shards(cls, urls: list[str], embedding_key: str, max_photos: int, progress: bool = True) -> "IdentityBank":
         """Index the shards' embeddings by ``person_id`` (tar headers + json + npy members only)."""
-        from tqdm import tqdm
-
         groups: dict[str, list[tuple[str, np.ndarray]]] = {}
-        for url in tqdm(urls, desc="identity bank", unit="shard", disable=not progress):
-            rows: dict[str, dict] = {}
-            try:
-                with tarfile.open(url) as tar:
-                    for member in tar:
-                        if not member.isfile():
-                            continue
-                        base = member.name.rsplit("/", 1)[-1]
-                        if "." not in base:
-                            continue
-                        key, ext = base.split(".", 1)
-                        if ext not in ("json", embedding_key):
-                            continue
-                        data = tar.extractfile(member).read()
-                        rows.setdefault(f"{member.name[:len(member.name) - len(base)]}{key}", {})[ext] = data
-            except (tarfile.TarError, OSError):
-                continue                                   # the data reader counts and skips bad shards too
-            for key, row in rows.items():
-                if embedding_key not in row:
-                    continue
-                emb = np.load(io.BytesIO(row[embedding_key]), allow_pickle=False).astype(np.float32).reshape(-1)
-                try:
-                    meta = json.loads(row["json"]) if "json" in row else {}
-                except json.JSONDecodeError:
-                    meta = {}
-                groups.setdefault(person_of(meta, key.rsplit("/", 1)[-1]), []).append((key.rsplit("/", 1)[-1], emb))
+        for key, meta, emb, _ in scan_shards(urls, embedding_key, progress=progress, desc="identity bank"):
+            groups.setdefault(person_of(meta, key), []).append((key, emb))
         bank = cls(max_photos=max_photos)
         for person, items in groups.items():
             bank.people[person] = ([k for k, _ in items], torch.from_numpy(np.stack([e for _, e in items])))

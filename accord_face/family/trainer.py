@@ -44,6 +44,20 @@ def attach_family_parts(cfg, parts, info, device: torch.device, dtype: torch.dty
         if stats["multi_photo_people"] == 0:
             log.warning("no person has more than one photo (no person_id in the shards?): Portrait samples repeat "
                         "one photo; write shards with --person-from folder or a person_id metadata field")
+    if e.reference == "other_photo":
+        from .reference import ReferenceBank
+
+        if not info.embedding_key:
+            raise ValueError("encoder.reference=other_photo needs the shards' embedding_key (manifest or "
+                             "data.embedding_key) to index photos by person")
+        parts.reference_bank = ReferenceBank.from_shards(info.urls, info.embedding_key, images=needs_clip(e.kind),
+                                                         progress=rank == 0 and cfg.logging.progress)
+        stats = parts.reference_bank.stats()
+        log.info("reference bank: %(people)d people, %(photos)d photos, %(single_photo_people)d with one photo",
+                 stats)
+        if stats["people"] and stats["single_photo_people"] == stats["people"]:
+            log.warning("encoder.reference=other_photo but no person has a second photo (no person_id in the "
+                        "shards?): every sample keeps its own; write shards with a person_id metadata field")
     return parts
 
 
@@ -54,7 +68,7 @@ def face_crop_size(parts) -> Optional[int]:
 def adapter_config_fields(cfg, parts) -> dict:
     """Fields ``accord-face generate`` needs to drive each member through diffusers."""
     e = cfg.encoder
-    out = {"encoder": e.kind, "num_photos": e.num_photos}
+    out = {"encoder": e.kind, "num_photos": e.num_photos, "reference": e.reference}
     if cfg.lora.rank > 0:
         from .identity_lora import LORA_WEIGHTS
 

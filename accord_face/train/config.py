@@ -33,6 +33,9 @@ class EncoderConfig:
     image_encoder_subfolder: str = field("", help="subfolder of image_encoder_path (h94/IP-Adapter: models/image_encoder)")
     s_scale: float = field(1.0, help="Plus-V2 shortcut weight during training (tokens + s_scale * resampler)")
     num_photos: int = field(1, help="Portrait: up to n photos of the same person per sample (1..n drawn per step)")
+    reference: Literal["self", "other_photo"] = field(
+        "self", help="identity inputs from the denoised photo itself (self), or from another photo of the same "
+                     "person (other_photo: needs person_id in the shards; keeps the adapter from copying the photo)")
 
     def validate(self) -> None:
         if self.kind.startswith("faceid_plus") and self.num_tokens != 4:
@@ -44,6 +47,9 @@ class EncoderConfig:
                              f"encoder.id_embed_dim {self.id_embed_dim}")
         if self.num_tokens < 1:
             raise ValueError("encoder.num_tokens must be >= 1")
+        if self.reference == "other_photo" and self.kind == "faceid_portrait":
+            raise ValueError("encoder.reference=other_photo is for faceid / faceid_plus(v2); Portrait already "
+                             "draws other photos of the person (encoder.num_photos)")
 
 
 @dataclass

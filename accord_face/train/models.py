@@ -114,6 +114,7 @@ class FrozenParts:
     feature_cache: dict = field(default_factory=dict)   # {(prompt, device): f (P,)}: superclass features
     image_encoder: Optional[nn.Module] = None   # FaceID-Plus: family.clip_image.ImageEncoder (frozen CLIP vision)
     identity_bank: Any = None                   # Portrait: family.portrait.IdentityBank (photos per person)
+    reference_bank: Any = None                  # encoder.reference=other_photo: family.reference.ReferenceBank
 
 
 def _check_tokenizer(tok, where: str):

@@ -102,12 +102,16 @@ def prepare_batch(batch: dict, parts: FrozenParts, cfg: TrainConfig, step: int, 
     pooled_empty = pooled[-1:] if pooled is not None else None
     pooled = pooled[:-1] if pooled is not None else None
     ids = batch["face_embedding"].to(device=device, dtype=torch.float32)             # (B, D)
+    crops = batch.get("face_pixels")                                                  # (B, 3, S, S) uint8 | None
+    if getattr(parts, "reference_bank", None) is not None:                            # identity of another photo
+        ids, crops = parts.reference_bank.swap(keys, batch["meta"], ids.cpu(), crops, cfg.seed, step)
+        ids = ids.to(device)
     if getattr(parts, "identity_bank", None) is not None:                             # Portrait: (B, n, D)
         ids = parts.identity_bank.draw(keys, batch["meta"], ids, cfg.seed, step).to(device)
     ids = torch.where(drop_id.view(-1, *[1] * (ids.ndim - 1)), torch.zeros_like(ids), ids)
     clip = clip_null = None
     if getattr(parts, "image_encoder", None) is not None:                             # FaceID-Plus
-        crops = batch["face_pixels"].to(device)                                       # (B, [n,] 3, S, S) uint8
+        crops = crops.to(device)                                                      # (B, [n,] 3, S, S) uint8
         states = parts.image_encoder(crops.reshape(-1, *crops.shape[-3:])).float()    # (B*n, L, H)
         clip = states.reshape(len(keys), -1, *states.shape[-2:])                      # (B, n, L, H)
         clip_null = parts.image_encoder.null_embeds().float()[None]                   # (1, 1, L, H)

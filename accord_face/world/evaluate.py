@@ -67,91 +67,140 @@ def mean_ci(values) -> dict:
             "per_run": [round(float(x), 5) for x in v]}
 
 
-def run_world_eval(cfg: WorldEvalConfig) -> dict:
-    from ..metrics import ClipTextScorer
-    from ..pipeline import (FaceIDGenerator, atomic_write_text, identity_embedding, make_face_analyzer,
-                            read_adapter_config)
-    from .assemble import ensure_world_pipeline, load_judge
-    from .backend import WorldAnalyzer
+class WorldScorer:
+    """The evaluation's fixed instruments: recognizer B (identity), the context judge, the world CLIP."""
+
+    def __init__(self):
+        from ..metrics import ClipTextScorer
+        from .assemble import ensure_world_pipeline, load_judge
+        from .backend import WorldAnalyzer
+
+        world = ensure_world_pipeline()
+        self.recognizer = WorldAnalyzer(world / "face_models", "b")
+        self.judge = load_judge(world)
+        self.clip = ClipTextScorer.from_pretrained(world / "world_clip")
+
+    def embed(self, rgb: np.ndarray):
+        faces = self.recognizer.analyze(rgb, max_faces=1)
+        return faces[0].embedding if faces else None
+
+
+@dataclass
+class EvalPlan:
+    """Held-out references and the (identity, prompt, noise) jobs every arm is generated on."""
+
+    folder: Path
+    refs: dict                                # name -> {"identity", "file", "context"}
+    names: list[str]
+    jobs: list[tuple]                         # (name, prompt index, context A, context B, noise seed)
+    ref_b: dict                               # name -> recognizer-B embedding of the reference (or None)
+
+    @classmethod
+    def make(cls, folder: Path, identities: int, prompts_per_identity: int, seed: int, scorer: WorldScorer):
+        from PIL import Image
+
+        from .photos import write_reference_photos
+
+        refs = write_reference_photos(folder, identities, seed=seed)
+        names = list(refs)
+        rng = np.random.default_rng(seed)
+        jobs, ref_b = [], {}
+        for name in names:
+            ref_b[name] = scorer.embed(np.asarray(Image.open(folder / refs[name]["file"]).convert("RGB")))
+            a = Context(**refs[name]["context"])
+            for p in range(prompts_per_identity):
+                jobs.append((name, p, a, other_context(a, rng), int(rng.integers(1 << 30))))
+        return cls(Path(folder), refs, names, jobs, ref_b)
+
+    def photo(self, name: str) -> Path:
+        return self.folder / self.refs[name]["file"]
+
+
+def generate_records(gen, plan: EvalPlan, scorer: WorldScorer, arms: dict[str, float], out: Path, *, steps: int,
+                     guidance: float, batch_size: int, progress: bool = True) -> list[dict]:
+    """Every job of ``plan`` generated at each arm's adapter scale (same prompts and noise), scored.
+
+    ``gen``: a ``FaceIDGenerator`` with the adapter loaded (any FaceID family member: the identity
+    inputs come from ``family.generation.photo_inputs``, the CLIP face crop for FaceID-Plus)."""
+    from ..family.generation import photo_inputs
+    from ..pipeline import make_face_analyzer
     from .judge import predict
-    from .photos import write_reference_photos
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    world = ensure_world_pipeline()
-    refs = write_reference_photos(out / "references", cfg.identities, seed=cfg.seed)
-    names = list(refs)
-    cond = make_face_analyzer(read_adapter_config(cfg.adapter))
-    judge_rec = WorldAnalyzer(world / "face_models", "b")
-    judge = load_judge(world)
-    clip = ClipTextScorer.from_pretrained(world / "world_clip")
-    gen = FaceIDGenerator(cfg.adapter, None, "cpu")
-    gen.pipe.set_progress_bar_config(disable=True)
-
-    rng = np.random.default_rng(cfg.seed)
-    ref_b, cond_emb, jobs = {}, {}, []
-    from PIL import Image
-
-    for name in names:
-        photo = out / "references" / refs[name]["file"]
-        cond_emb[name], _ = identity_embedding(cond, [photo])
-        faces = judge_rec.analyze(np.asarray(Image.open(photo).convert("RGB")), max_faces=1)
-        ref_b[name] = faces[0].embedding if faces else None
-        a = Context(**refs[name]["context"])
-        for p in range(cfg.prompts_per_identity):
-            b = other_context(a, rng)
-            jobs.append((name, p, a, b, int(rng.integers(1 << 30))))
-    ref_names = [n for n in names if ref_b[n] is not None]
-    ref_mat = np.stack([ref_b[n] for n in ref_names])                                  # (R, D)
-
+    cond = make_face_analyzer(gen.adapter_cfg)
+    inputs = {n: photo_inputs(gen.adapter_cfg, cond, [plan.photo(n)], gen.family.clip_size) for n in plan.names}
+    ref_names = [n for n in plan.names if plan.ref_b[n] is not None]
+    ref_mat = np.stack([plan.ref_b[n] for n in ref_names])                              # (R, D)
     records = []
-    arms = {"adapter": cfg.scale, "base": 0.0}
-    total = len(jobs) * len(arms)
-    with tqdm(total=total, desc="world eval") as bar:
+    with tqdm(total=len(plan.jobs) * len(arms), desc="world eval", disable=not progress, mininterval=5) as bar:
         for arm, scale in arms.items():
-            for name in names:
-                mine = [j for j in jobs if j[0] == name]
-                for k in range(0, len(mine), cfg.batch_size):
-                    chunk = mine[k:k + cfg.batch_size]
+            for name in plan.names:
+                gen.family.set_face_crop(inputs[name]["crop"])
+                mine = [j for j in plan.jobs if j[0] == name]
+                for k in range(0, len(mine), batch_size):
+                    chunk = mine[k:k + batch_size]
                     prompts = [caption(b) for _, _, _, b, _ in chunk]
-                    images = gen.generate_pairs(cond_emb[name], prompts, [s for *_, s in chunk], scale=scale,
-                                                steps=cfg.steps, guidance=cfg.guidance)
+                    images = gen.generate_pairs(inputs[name]["embedding"], prompts, [s for *_, s in chunk],
+                                                scale=scale, steps=steps, guidance=guidance)
                     arr = np.stack([np.asarray(im.convert("RGB")) for im in images])
-                    probs = predict(judge, arr)
-                    clip_t = clip.score(images, prompts)
+                    probs = predict(scorer.judge, arr)
+                    clip_t = scorer.clip.score(images, prompts)
                     for i, ((_, p, a, b, seed), im) in enumerate(zip(chunk, images)):
                         rel = f"images/{arm}/{name}_p{p}.png"
                         (out / rel).parent.mkdir(parents=True, exist_ok=True)
                         im.save(out / rel)
-                        faces = judge_rec.analyze(arr[i], max_faces=1)
-                        emb = faces[0].embedding if faces else None
-                        sim = float(emb @ ref_b[name]) if emb is not None and ref_b[name] is not None else None
+                        emb = scorer.embed(arr[i])
+                        sim = float(emb @ plan.ref_b[name]) if emb is not None and plan.ref_b[name] is not None \
+                            else None
                         top1 = (ref_names[int(np.argmax(ref_mat @ emb))] == name) if emb is not None else False
                         want, had = encode_context(b), encode_context(a)
                         seen = np.array([int(probs[f][i].argmax()) for f in CONTEXT_FIELDS])
                         differs = want != had
                         records.append({
-                            "arm": arm, "identity": name, "prompt_index": p, "prompt": prompts[i], "image": rel,
-                            "reference_context": a.attributes(), "face_found": emb is not None,
+                            "arm": arm, "scale": scale, "identity": name, "prompt_index": p, "prompt": prompts[i],
+                            "image": rel, "reference_context": a.attributes(), "face_found": emb is not None,
                             "identity_similarity": sim, "retrieval_top1": bool(top1),
                             "context_correct": {f: bool(seen[j] == want[j]) for j, f in enumerate(CONTEXT_FIELDS)},
                             "all_context_correct": bool((seen == want).all()),
                             "coupled": {f: bool(seen[j] == had[j]) for j, f in enumerate(CONTEXT_FIELDS)
                                         if differs[j]},
-                            "clip_t": float(clip_t[i]),
+                            # continuous judge scores (probabilities), next to the thresholded rates
                             "p_asked": float(np.mean([probs[f][i][want[j]] for j, f in enumerate(CONTEXT_FIELDS)])),
+                            "p_coupled": float(np.mean([probs[f][i][had[j]] for j, f in enumerate(CONTEXT_FIELDS)
+                                                        if differs[j]])) if differs.any() else None,
+                            "clip_t": float(clip_t[i]),
                             "embedding_b": None if emb is None else [round(float(x), 5) for x in emb],
                         })
                         bar.update(1)
-    with (out / "samples.jsonl").open("w") as fh:
-        for r in records:
-            fh.write(json.dumps({k: v for k, v in r.items() if k != "embedding_b"}) + "\n")
-    metrics = summarize(records, names, cfg)
+    return records
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    from ..pipeline import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps({k: v for k, v in r.items() if k != "embedding_b"}) + "\n"
+                                    for r in records))
+
+
+def run_world_eval(cfg: WorldEvalConfig) -> dict:
+    from ..pipeline import FaceIDGenerator, atomic_write_text
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scorer = WorldScorer()
+    plan = EvalPlan.make(out / "references", cfg.identities, cfg.prompts_per_identity, cfg.seed, scorer)
+    gen = FaceIDGenerator(cfg.adapter, None, "cpu")
+    gen.pipe.set_progress_bar_config(disable=True)
+    records = generate_records(gen, plan, scorer, {"adapter": cfg.scale, "base": 0.0}, out, steps=cfg.steps,
+                               guidance=cfg.guidance, batch_size=cfg.batch_size)
+    write_records(out / "samples.jsonl", records)
+    metrics = summarize(records, plan.names, cfg)
     metrics["config"] = asdict(cfg)
-    metrics["identity_model"] = judge_rec.describe()
-    metrics["conditioning_model"] = cond.describe()
+    metrics["identity_model"] = scorer.recognizer.describe()
+    from ..pipeline import make_face_analyzer
+
+    metrics["conditioning_model"] = make_face_analyzer(gen.adapter_cfg).describe()
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    write_grid(out, records, refs, names[:8])
+    write_grid(out, records, plan.refs, plan.names[:8])
     return metrics
 
 
