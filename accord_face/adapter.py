@@ -177,7 +177,8 @@ def export_adapter(folder: str | Path, encoder: nn.Module, unet: nn.Module, conf
     Everything is written into a temporary sibling folder (fsynced), which then takes the place of
     ``folder`` in one ``renameat2(RENAME_EXCHANGE)``: at every instant ``folder`` holds a complete
     adapter, the old one or the new one (where the exchange is unsupported, each file is replaced
-    by ``os.replace``, so each file is always whole). Permissions follow the umask (0755 / 0644),
+    by ``os.replace``, so each file is always whole). ``files`` in the config records the size and
+    sha256 of every ``*.safetensors`` written (checked by ``accord-face generate``). Permissions follow the umask (0755 / 0644),
     not ``mkdtemp``'s 0700. ``config`` is the adapter_config.json content; "format" and "version"
     are filled in. ``before_swap``: a test hook called when the new files are ready.
     ``extra(tmp_folder)`` writes further files into the same atomic folder (the identity LoRA's
@@ -186,6 +187,8 @@ def export_adapter(folder: str | Path, encoder: nn.Module, unet: nn.Module, conf
     import os
 
     from safetensors.torch import save_file
+
+    from .fingerprint import file_digest
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -196,14 +199,16 @@ def export_adapter(folder: str | Path, encoder: nn.Module, unet: nn.Module, conf
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp.{os.getpid()}.", dir=folder.parent))
     try:
         save_file(adapter_state_dict(encoder, unet), str(tmp / WEIGHT_NAME), metadata={"format": "pt"})
+        if extra is not None:
+            extra(tmp)
+        # Size + sha256 of every weight file: generate refuses a file damaged after export.
+        info["files"] = {f.name: file_digest(f) for f in sorted(tmp.glob("*.safetensors"))}
         (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2, sort_keys=False) + "\n")
         (tmp / "README.md").write_text(MODEL_CARD.format(
             base_model=info.get("base_model"), base_model_path=info.get("base_model_path"),
             recognizer=(info.get("recognizer") or {}).get("name"), id_embed_dim=info.get("id_embed_dim"),
             num_tokens=info.get("num_tokens"), losses=info.get("losses"), train_steps=info.get("train_steps"),
             weight_name=WEIGHT_NAME))
-        if extra is not None:
-            extra(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

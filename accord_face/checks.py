@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 __all__ = ["UsageError", "did_you_mean", "check_adapter_dir", "check_lora_dir", "check_photo", "check_folder",
-           "check_file", "check_device", "check_hub_reachable", "ADAPTER_WEIGHTS", "LORA_WEIGHTS"]
+           "check_file", "check_device", "check_hub_reachable", "check_safetensors", "check_weight_files",
+           "ADAPTER_WEIGHTS", "LORA_WEIGHTS"]
 
 ADAPTER_WEIGHTS = "ip_adapter.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -153,3 +154,38 @@ def check_hub_reachable(name: str, flag: str, probe: str = "model_index.json", s
     if not isinstance(cached, str):
         raise UsageError(f"{flag} {name}: not a local folder and not in the hub cache, and HF_HUB_OFFLINE=1 forbids "
                          "downloading it; pass a local folder, or run once with network access (unset HF_HUB_OFFLINE)")
+
+
+def check_safetensors(path: str | os.PathLike, fix: str, digest: Optional[dict] = None) -> Path:
+    """A complete, readable safetensors file: header parsed, every tensor's bytes present (safetensors checks
+    the header against the file size), and the recorded ``{"size", "sha256"}`` matched when there is one.
+
+    ``fix`` ends the message (how to get a good file back)."""
+    p = Path(path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            list(f.keys())
+    except OSError as err:
+        raise UsageError(f"{p}: cannot be read ({err.strerror or err}); {fix}") from None
+    except Exception as err:  # noqa: BLE001  (safetensors' SafetensorError is not an OSError)
+        why = " ".join(str(err).split()).removeprefix("Error while deserializing header: ")
+        raise UsageError(f"{p} is truncated or corrupt (not a complete safetensors file: {why}); {fix}") from None
+    if digest:
+        from .fingerprint import file_digest
+
+        size = p.stat().st_size
+        if digest.get("size") not in (None, size):
+            raise UsageError(f"{p} is {size} bytes, but {digest['size']} were exported (truncated or replaced); {fix}")
+        if digest.get("sha256") and file_digest(p)["sha256"] != digest["sha256"]:
+            raise UsageError(f"{p} differs from the exported file (sha256 mismatch: corrupt or modified); {fix}")
+    return p
+
+
+def check_weight_files(folder: str | os.PathLike, names: Iterable[str], recorded: Optional[dict], fix: str) -> None:
+    """``check_safetensors`` for each of ``names`` present in ``folder`` (``recorded``: the export's ``files``)."""
+    for name in names:
+        p = Path(folder) / name
+        if p.is_file():
+            check_safetensors(p, fix, (recorded or {}).get(name))

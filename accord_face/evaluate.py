@@ -30,7 +30,7 @@ import torch
 from . import metrics
 from .config import field, to_dict
 from .pipeline import (IMAGE_SUFFIXES, FaceIDGenerator, GenerateError, atomic_save_image, atomic_write_text,
-                       identity_embedding, load_image_rgb, make_face_analyzer, read_adapter_config)
+                       check_adapter_files, identity_embedding, load_image_rgb, make_face_analyzer, read_adapter_config)
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ def check_evaluate_inputs(cfg: EvaluateConfig) -> None:
     from . import checks
 
     checks.check_adapter_dir(cfg.adapter)
+    check_adapter_files(cfg.adapter)
     checks.check_folder(cfg.faces, "--faces", "a folder with one sub-folder (or one photo) per identity")
     checks.check_file(cfg.prompts, "--prompts", "a text file with one prompt per line")
     if cfg.shards and not any(c in cfg.shards for c in "*?{,"):   # a folder (globs / brace lists go as they are)

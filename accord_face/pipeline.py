@@ -245,6 +245,7 @@ class FaceIDGenerator:
         from .family.identity_lora import ADAPTER_NAME, load_identity_lora
 
         self.family, self.identity_lora = None, False      # FaceID family member driver; adapter's identity LoRA
+        self.base_check: Optional[dict] = None             # set by check_base: is this the base it was trained on?
         if self.adapter_dir:
             if not hasattr(pipe, "load_ip_adapter"):
                 raise GenerateError(f"{type(pipe).__name__} ({self.base_model}) does not support IP-Adapters")
@@ -270,7 +271,10 @@ class FaceIDGenerator:
         self.is_sdxl = "XL" in type(pipe).__name__
 
     def check_base(self, pipe) -> None:
-        """GenerateError when the adapter was trained for a base with another cross-attention size."""
+        """GenerateError when the adapter was trained for a base with another cross-attention size; a one-line
+        warning when the base is of the same shape but not the one it was trained on (``base_fingerprint``)."""
+        from .fingerprint import base_fingerprint, describe_base, fingerprint_difference
+
         cad, _ = adapter_weight_shapes(self.adapter_dir)
         base_cad = pipe.unet.config.cross_attention_dim
         if cad != base_cad:
@@ -278,6 +282,18 @@ class FaceIDGenerator:
                 f"adapter/base mismatch: {self.adapter_dir} was trained for a UNet with cross-attention dim {cad} "
                 f"(base {self.adapter_cfg.get('base_model')!r}), but {self.base_model} has {base_cad}; "
                 "pass the base model it was trained on with --pretrained")
+        recorded = self.adapter_cfg.get("base_fingerprint")
+        if not recorded:
+            self.base_check = {"trained_on": self.adapter_cfg.get("base_model"), "same": None,
+                               "difference": "not recorded (adapter exported without a base fingerprint)"}
+            return
+        current = base_fingerprint(self.base_model, self.base_model, pipe.unet)
+        why = fingerprint_difference(recorded, current)
+        self.base_check = {"trained_on": recorded.get("name"), "same": why is None, "difference": why}
+        if why:
+            log.warning("%s was trained on base %s, but the base loaded is %s (%s): identity may transfer worse; "
+                        "pass --pretrained %s for the base it was trained on (ignore this if you retarget on purpose)",
+                        self.adapter_dir, describe_base(recorded), describe_base(current), why, recorded.get("name"))
 
     @property
     def resolution(self) -> int:
@@ -322,7 +338,8 @@ class FaceIDGenerator:
                 "recognizer": self.adapter_cfg.get("recognizer"), "adapter_format": self.adapter_cfg.get("format"),
                 "adapter_train_steps": self.adapter_cfg.get("train_steps"), "lora": self.lora_dir,
                 "lora_scale": self.lora_scale if self.lora_dir or self.identity_lora else None,
-                "identity_lora": self.identity_lora, **(self.family.describe() if self.family else {})}
+                "identity_lora": self.identity_lora, "base_check": self.base_check,
+                **(self.family.describe() if self.family else {})}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -357,14 +374,37 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+ADAPTER_FIX = "re-export it (rerun the training command: it exports from the last complete checkpoint) or copy it again"
+LORA_FIX = "rerun the LoRA training command (it exports from its last checkpoint) or copy the folder again"
+
+
+def check_adapter_files(adapter_dir: str | os.PathLike) -> None:
+    """The adapter's weight files are complete safetensors and match the sizes/sha256 the export recorded."""
+    from . import checks
+    from .family.identity_lora import LORA_WEIGHTS
+
+    recorded = read_adapter_config(adapter_dir).get("files")
+    checks.check_weight_files(adapter_dir, (WEIGHT_NAME, LORA_WEIGHTS), recorded, ADAPTER_FIX)
+
+
+def check_lora_files(lora_dir: str | os.PathLike) -> None:
+    """A LoRA folder's weight files (LoRA + learned token) are complete safetensors."""
+    from . import checks
+    from .family.identity_lora import LORA_WEIGHTS
+
+    checks.check_weight_files(lora_dir, (LORA_WEIGHTS, "learned_embeds.safetensors"), None, LORA_FIX)
+
+
 def check_generate_inputs(cfg: GenerateConfig) -> None:
     """Every path, the device and the base model's reachability, before anything loads (UsageError)."""
     from . import checks
 
     if cfg.adapter:
         checks.check_adapter_dir(cfg.adapter)
+        check_adapter_files(cfg.adapter)
     if cfg.lora:
         checks.check_lora_dir(cfg.lora)
+        check_lora_files(cfg.lora)
     for photo in cfg.faces:
         checks.check_photo(photo, "--face", IMAGE_SUFFIXES)
     checks.check_device(cfg.device)

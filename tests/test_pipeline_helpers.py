@@ -63,8 +63,11 @@ def export_test_adapter(pipeline_dir: str, out: Path, *, id_dim: int = 128, num_
         for proc in ip_attention_processors(unet).values():
             for p in proc.parameters():
                 p.mul_(3.0)
+    from accord_face.fingerprint import base_fingerprint
+
     rec = recognizer or {"name": "sface", "backend": "opencv-zoo", "embedding_dim": id_dim}
     return export_adapter(out, encoder, unet, {
+        "base_fingerprint": base_fingerprint(base_model or str(pipeline_dir), str(pipeline_dir), unet),
         "base_model": base_model or str(pipeline_dir), "base_model_path": base_model or str(pipeline_dir),
         "is_sdxl": is_sdxl, "cross_attention_dim": cad, "num_tokens": num_tokens, "id_embed_dim": id_dim,
         "recognizer": rec, "resolution": 64, "losses": {"dd": 0.0, "pd": 0.0}, "train_steps": 0})
