@@ -1,0 +1,263 @@
+"""Does ACCORD help the identity encoder? The encoder coupling experiment on the identity world.
+
+Protocol (fixed before any arm result was seen; README "Does ACCORD help the encoder?"):
+
+1. **Setting.** The main trainer (``scripts/train_encoder.py`` under the deepspeed launcher) trains
+   FaceID-Plus (``configs/faces_plus.yaml``: world_a embedding + the world CLIP's states of the
+   aligned face crop) on ``embedded:faces`` for ``steps`` steps. Main data: k = 1 photo for each of
+   2,000 training identities, the identity inputs taken from the very photo being denoised (FFHQ).
+2. **Arms** (same identities, prompts, noise, seeds and data order; same steps): ``ARMS`` below.
+   DDLoss doses are set by the gradient-norm ratio on the trainable parameters, calibrated on the
+   seed-0 baseline adapter (``accord_face.train.calibrate``); both ratios are reported.
+3. **Evaluation** (``accord_face.world.evaluate``): 50 held-out identities (2000-2049), one
+   reference photo each in a context A, 2 prompts with contexts B != A (background, shirt and
+   accessory differ), each generated at adapter scales 0.25 / 0.5 / 1.0 / 1.5 and once at scale 0
+   (the base model, same noise). Judges: recognizer B (identity; never used in training), the world
+   judge (context fields), the world CLIP (CLIP-T).
+4. **Metrics** per (run, identity, scale): identity similarity (cos of recognizer-B embeddings),
+   retrieval top-1 among the 50, prompt alignment (share of B's four fields the judge finds),
+   coupling (share of the fields where A != B that show A) minus the base model's coupling on the
+   same prompts and noise; continuous judge probabilities beside the rates.
+5. **Comparison** on curves over scale, never at one scale: the identity-vs-alignment gap
+   (alignment gained at equal identity similarity) and the identity-vs-coupling gap (coupling
+   removed at equal identity similarity), ``stats.curve_gap``; paired by seed and identity;
+   95 % intervals by the two-level (seed, identity) bootstrap.
+6. **Power**: from the pilot (baseline and ``dd_r0.3``, seeds 0 and 1), the variance components of
+   the paired coupling gap give the seeds needed to detect 30 % of the baseline's excess coupling
+   at 80 % power (two-sided 0.05); that many seeds are run for the key arms (at least 3).
+
+Every run is cached under ``out/runs/<arm>-<hash>/seed<k>/`` (the hash covers everything that
+changes the run), so the experiment resumes across sessions and never recomputes a finished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..config import field
+
+log = logging.getLogger(__name__)
+
+SCALES = (0.25, 0.5, 1.0, 1.5)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Arm:
+    data: str                         # key of DATA
+    overrides: tuple[str, ...]        # trainer key=value overrides (after the dose is resolved)
+    role: str                         # baseline | faithful | prior | combined | cheap | variant | control
+    dd_ratio: Optional[float] = None  # DDLoss dose as a gradient-norm ratio (resolved by calibration)
+    pd_ratio: Optional[float] = None  # PDLoss dose as a gradient-norm ratio (None: the fixed lambda_pd given)
+    note: str = ""
+
+
+NO_ACCORD = ("losses.lambda_dd=0", "losses.lambda_pd=0")
+FAITHFUL = ("losses.lambda_pd=0", "losses.dd_batch_fraction=1", "losses.dd_every_n_steps=1",
+            "losses.dd_reference=live", "losses.dd_timesteps=shared")
+BEST_DD = 0.3   # the dose the combined / cheap / variant arms use (the pilot's dose; see README for the rule)
+
+ARMS: dict[str, Arm] = {
+    "baseline": Arm("main", NO_ACCORD, "baseline"),
+    "dd_r0.1": Arm("main", FAITHFUL, "faithful", dd_ratio=0.1, note="paper's DDLoss, gradient ratio 0.1"),
+    "dd_r0.3": Arm("main", FAITHFUL, "faithful", dd_ratio=0.3, note="paper's DDLoss, gradient ratio 0.3"),
+    "dd_r1": Arm("main", FAITHFUL, "faithful", dd_ratio=1.0, note="paper's DDLoss, gradient ratio 1"),
+    "pd_paper": Arm("main", ("losses.lambda_dd=0", "losses.lambda_pd=0.003"), "prior",
+                    note="PDLoss alone at the paper's largest weight 0.003"),
+    "pd_r0.3": Arm("main", ("losses.lambda_dd=0",), "prior", pd_ratio=0.3, note="PDLoss alone, gradient ratio 0.3"),
+    "dd_pd": Arm("main", FAITHFUL[1:] + ("losses.lambda_pd=0.003",), "combined", dd_ratio=BEST_DD,
+                 note="DDLoss + PDLoss"),
+    "dd_cheap": Arm("main", ("losses.lambda_pd=0", "losses.dd_batch_fraction=0.25", "losses.dd_every_n_steps=4"),
+                    "cheap", dd_ratio=BEST_DD, note="the best dose's lambda, DDLoss on 1/4 of the batch every 4th step "
+                                                    "(the performance issue's cheap setting)"),
+    "ours_frozen_ref": Arm("main", FAITHFUL[:3] + ("losses.dd_reference=frozen_initial",
+                                                   "losses.dd_timesteps=shared"),
+                           "variant", dd_ratio=BEST_DD, note="ours: no-grad branches g, z from the frozen initial "
+                                                             "adapter, p live"),
+    "control_other_photo": Arm("positive", NO_ACCORD + ("encoder.reference=other_photo",), "control",
+                               note="positive control: identity from another photo of the person (k=4, rho=0.8)"),
+    "control_rho0": Arm("negative", NO_ACCORD + ("encoder.reference=other_photo",), "control",
+                        note="negative control: another photo, no home context (k=4, rho=0): nothing to copy"),
+}
+PILOT = ("baseline", "dd_r0.3")
+
+
+@dataclass
+class ExperimentConfig:
+    out: str = field("testbed_out/encoder", help="experiment folder (data, runs, results.json)")
+    config: str = field("configs/faces_plus.yaml", help="trainer config every run starts from")
+    arms: list[str] = field(default_factory=lambda: list(PILOT), help="arms to run now (see ARMS)")
+    seeds: list[int] = field(default_factory=lambda: [0, 1], help="training seeds (paired across arms)")
+    steps: int = field(1000, help="training steps of every run")
+    identities: int = field(50, help="held-out identities evaluated")
+    prompts_per_identity: int = field(2, help="prompts with other contexts per identity")
+    eval_steps: int = field(20, help="denoising steps at evaluation")
+    guidance: float = field(4.0, help="classifier-free guidance at evaluation")
+    batch_size: int = field(16, help="images per pipeline call")
+    threads: int = field(1, help="torch threads per process")
+    port: int = field(29850, help="first rendezvous port of the launcher (one per run)")
+    calibration_batches: int = field(16, help="batches averaged for the lambda calibration")
+    analyze_only: bool = field(False, help="only aggregate the finished runs (no training)")
+
+
+def data_settings():
+    from .coupling import CouplingData
+
+    return {"main": CouplingData(rho=0.0, k=1, identities=2000),
+            "positive": CouplingData(rho=0.8, k=4, identities=2000),
+            "negative": CouplingData(rho=0.0, k=4, identities=2000)}
+
+
+def write_json(path: Path, obj) -> None:
+    from ..pipeline import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def ensure_shards(out: Path, name: str, progress: bool = True) -> Path:
+    """World photos -> shards through ``scripts/prepare_shards.py --backend world`` (cached)."""
+    from .coupling import write_coupling_photos
+
+    data = data_settings()[name]
+    shards = out / "data" / data.name / "shards"
+    if (shards / "manifest.json").is_file():
+        return shards
+    photos = write_coupling_photos(out / "data" / data.name / "photos", data, progress=progress)
+    cmd = [sys.executable, str(REPO / "scripts/prepare_shards.py"), "--input", str(photos), "--output", str(shards),
+           "--backend", "world", "--resolution", "64", "--context-scale", "8", "--min-image-size", "32",
+           "--workers", "1", "--no-progress"]
+    subprocess.run(cmd, check=True)
+    return shards
+
+
+def calibrate(cfg: ExperimentConfig, out: Path, baseline_adapter: Path, shards: Path) -> dict:
+    """Gradient-norm and loss ratios of DDLoss and PDLoss at lambda = 1, at init and at the baseline adapter."""
+    path = out / "calibration.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from ..train.calibrate import gradient_ratios
+
+    res = {}
+    for where, adapter in (("initial", None), ("baseline_seed0", str(baseline_adapter))):
+        res[where] = gradient_ratios(str(REPO / cfg.config), str(shards), adapter, batches=cfg.calibration_batches,
+                                     overrides=[f"max_steps={cfg.steps}"], step=cfg.steps)
+    write_json(path, res)
+    return res
+
+
+def resolve_overrides(arm: Arm, calib: Optional[dict]) -> list[str]:
+    """The arm's trainer overrides with its doses turned into lambdas (calibrated at the baseline adapter)."""
+    from ..train.calibrate import lambda_for_ratio
+
+    over = list(arm.overrides)
+    if arm.dd_ratio is not None or arm.pd_ratio is not None:
+        m = calib["baseline_seed0"]["mean"]
+        if arm.dd_ratio is not None:
+            lam = lambda_for_ratio(arm.dd_ratio, m["grad_base"], m["grad_dd"])
+            over.append(f"losses.lambda_dd={lam:.6g}")
+        if arm.pd_ratio is not None:
+            over.append(f"losses.lambda_pd={lambda_for_ratio(arm.pd_ratio, m['grad_base'], m['grad_pd']):.6g}")
+    return over
+
+
+def run_key(arm_name: str, arm: Arm, overrides: list[str], cfg: ExperimentConfig) -> str:
+    spec = {"data": dataclasses.asdict(data_settings()[arm.data]), "overrides": overrides, "steps": cfg.steps,
+            "config": (REPO / cfg.config).read_text()}
+    return f"{arm_name}-{hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+def _env(cfg: ExperimentConfig) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads), HF_HUB_OFFLINE="1",
+               DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"), TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def train_run(cfg: ExperimentConfig, run_dir: Path, shards: Path, overrides: list[str], seed: int, port: int) -> Path:
+    """The main job under the deepspeed launcher; resumes a killed run (``resume=auto``)."""
+    adapter = run_dir / "train" / "adapter"
+    done = adapter / "adapter_config.json"
+    if done.is_file() and json.loads(done.read_text()).get("train_steps") == cfg.steps:
+        return adapter
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed), "--num_gpus", "1", "--master_port", str(port), str(REPO / "scripts/train_encoder.py"),
+           "--config", str(REPO / cfg.config), f"shards={shards}", f"output_dir={run_dir / 'train'}",
+           f"max_steps={cfg.steps}", f"seed={seed}", "checkpoint.every_n_steps=250", "validation.every_n_steps=0",
+           "logging.progress=false", *overrides]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "a") as logf:
+        subprocess.run(cmd, check=True, stdout=logf, stderr=subprocess.STDOUT, env=_env(cfg), cwd=REPO)
+    return adapter
+
+
+def eval_run(cfg: ExperimentConfig, out: Path, run_dir: Path, adapter: Path, arms: dict[str, float]) -> Path:
+    """Scored records of every held-out job at each scale (cached as records.jsonl)."""
+    records = run_dir / "records.jsonl"
+    if records.is_file():
+        return records
+    import torch
+
+    from ..pipeline import FaceIDGenerator
+    from .evaluate import EvalPlan, WorldScorer, generate_records, write_records
+
+    torch.set_num_threads(cfg.threads)
+    scorer = WorldScorer()
+    plan = EvalPlan.make(out / "references", cfg.identities, cfg.prompts_per_identity, 0, scorer)
+    gen = FaceIDGenerator(str(adapter), None, "cpu")
+    recs = generate_records(gen, plan, scorer, arms, run_dir / "eval", steps=cfg.eval_steps, guidance=cfg.guidance,
+                            batch_size=cfg.batch_size)
+    write_records(records, recs)
+    return records
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict:
+    from .analysis import analyze
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = [a for a in cfg.arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arms {unknown}; choose from {sorted(ARMS)}")
+    write_json(out / "protocol.json", {"arms": {k: dataclasses.asdict(v) for k, v in ARMS.items()},
+                                       "data": {k: dataclasses.asdict(v) for k, v in data_settings().items()},
+                                       "scales": SCALES, "pilot": PILOT, "config": dataclasses.asdict(cfg)})
+    calib = json.loads((out / "calibration.json").read_text()) if (out / "calibration.json").is_file() else None
+    if not cfg.analyze_only:
+        # the baseline's seed 0 first: the lambda calibration is taken at its adapter
+        order = ["baseline"] + [a for a in cfg.arms if a != "baseline"]
+        port = cfg.port
+        for seed in cfg.seeds:
+            for name in order:
+                if name not in cfg.arms and not (name == "baseline" and calib is None):
+                    continue
+                arm = ARMS[name]
+                shards = ensure_shards(out, arm.data)
+                if (arm.dd_ratio is not None or arm.pd_ratio is not None) and calib is None:
+                    base = out / "runs" / run_key("baseline", ARMS["baseline"], list(NO_ACCORD), cfg) / "seed0"
+                    adapter = train_run(cfg, base, ensure_shards(out, "main"), list(NO_ACCORD), 0, port)
+                    calib = calibrate(cfg, out, adapter, ensure_shards(out, "main"))
+                overrides = resolve_overrides(arm, calib)
+                run_dir = out / "runs" / run_key(name, arm, overrides, cfg) / f"seed{seed}"
+                write_json(run_dir / "run.json", {"arm": name, "seed": seed, "overrides": overrides,
+                                                  "data": dataclasses.asdict(data_settings()[arm.data]),
+                                                  "steps": cfg.steps})
+                log.info("run %s seed %d: %s", name, seed, " ".join(overrides))
+                adapter = train_run(cfg, run_dir, shards, overrides, seed, port)
+                port += 1
+                eval_run(cfg, out, run_dir, adapter, {f"s{s:g}": s for s in SCALES})
+                if not (out / "base" / "records.jsonl").is_file():   # scale 0 = the base model, same noise
+                    eval_run(cfg, out, out / "base", adapter, {"base": 0.0})
+    results = analyze(out, calib)
+    write_json(out / "results.json", results)
+    return results
