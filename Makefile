@@ -60,15 +60,19 @@ demo-lora: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The ACCORD coupling testbed (README "Does ACCORD help?"): results in testbed_out/.
-# The two reference sets run as two processes (one per core), then one pass
-# aggregates (finished runs are reused, never recomputed).
+# The ACCORD coupling testbed, protocol v2 (README "Does ACCORD help?"): results in testbed_out/.
+# One pass prepares (base model, judge, fine-tune strength on held-out seeds, lambda calibration),
+# then the reference sets run as two processes (one per core), then one pass aggregates
+# (finished runs are reused, never recomputed; a rerun resumes).
 TESTBED_ARGS ?=
+TESTBED_SETS_A ?= [0,2,4]
+TESTBED_SETS_B ?= [1,3,5]
 testbed: $(STAMP)
 	mkdir -p testbed_out
-	$(PY) scripts/run_testbed.py --config configs/testbed.yaml threads=1 ref_sets=[0] $(TESTBED_ARGS) > testbed_out/ref0.log 2>&1 & \
-	$(PY) scripts/run_testbed.py --config configs/testbed.yaml threads=1 ref_sets=[1] $(TESTBED_ARGS) > testbed_out/ref1.log 2>&1; \
-	s1=$$?; wait $$!; s0=$$?; test $$s0 = 0 -a $$s1 = 0 || { tail -n 20 testbed_out/ref0.log testbed_out/ref1.log; exit 1; }
+	$(PY) scripts/run_testbed.py --config configs/testbed.yaml threads=1 prepare_only=true $(TESTBED_ARGS) > testbed_out/prepare.log 2>&1 || { tail -n 20 testbed_out/prepare.log; exit 1; }
+	$(PY) scripts/run_testbed.py --config configs/testbed.yaml threads=1 ref_sets=$(TESTBED_SETS_A) $(TESTBED_ARGS) > testbed_out/setsA.log 2>&1 & \
+	$(PY) scripts/run_testbed.py --config configs/testbed.yaml threads=1 ref_sets=$(TESTBED_SETS_B) $(TESTBED_ARGS) > testbed_out/setsB.log 2>&1; \
+	s1=$$?; wait $$!; s0=$$?; test $$s0 = 0 -a $$s1 = 0 || { tail -n 20 testbed_out/setsA.log testbed_out/setsB.log; exit 1; }
 	$(PY) scripts/run_testbed.py --config configs/testbed.yaml $(TESTBED_ARGS)
 
 clean:

@@ -1,7 +1,8 @@
 """Train (or load from cache) the base text-to-image model of the testbed.
 
 Resumable: a checkpoint (weights, EMA, optimizer, step, RNG) is written
-atomically every ``checkpoint_every`` steps; a rerun continues from it.
+atomically every ``checkpoint_every`` steps; a rerun continues from it. The
+finished EMA model is stored as safetensors (``base_model.safetensors``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from accord_face.testbed.config import BaseModelConfig
 from accord_face.testbed.model import T2I, build_scheduler, training_target
-from accord_face.testbed.world import random_scene, render_batch, scene_caption
+from accord_face.testbed.world import CaptionStyle, partial_caption, random_scene, render_batch
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +43,46 @@ def load_weights(path: Path):
                          "it to rebuild it") from None
 
 
-def base_batch(rng: np.random.Generator, n: int, dropout: float) -> tuple[torch.Tensor, list[str]]:
-    """n random base-world scenes (0-2 base shapes, never the target) and captions (some dropped)."""
+def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Atomic safetensors write of a state dict (tensors only: nothing to unpickle on load)."""
+    from safetensors.torch import save_file
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors -> state dict; a file that is not one raises ValueError naming it (delete it to rebuild it)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a safetensors file ({' '.join(str(err).split())[:120]}); delete it to "
+                         "rebuild it") from None
+
+
+def base_batch(rng: np.random.Generator, n: int, dropout: float,
+               style: CaptionStyle = CaptionStyle()) -> tuple[torch.Tensor, list[str]]:
+    """n random base-world scenes (0-2 base shapes incl. crosses, never orange, never the target) and
+    their captions: some dropped (guidance), some partial (no background, one object, no colour)."""
     scenes = []
     for _ in range(n):
         k = int(rng.choice(3, p=[0.1, 0.45, 0.45]))
         scenes.append(random_scene(rng, min_objects=k, max_objects=k))
-    caps = ["" if rng.random() < dropout else scene_caption(s) for s in scenes]
+    caps = ["" if rng.random() < dropout else partial_caption(s, rng, style) for s in scenes]
     return torch.from_numpy(render_batch(scenes)), caps
 
 
 def train_base(cfg: BaseModelConfig, cache: Path) -> T2I:
-    """Return the EMA base model, training it (resumably) if ``cache/base_model.pt`` is missing."""
+    """Return the EMA base model, training it (resumably) if ``cache/base_model.safetensors`` is missing."""
     cache.mkdir(parents=True, exist_ok=True)
-    final, ckpt_path = cache / "base_model.pt", cache / "base_ckpt.pt"
+    final, ckpt_path = cache / "base_model.safetensors", cache / "base_ckpt.pt"
     model = T2I(cfg.seed)
     if final.exists():
-        model.load_state_dict(load_weights(final))
+        model.load_state_dict(load_state(final))
         return model.eval()
+    style = CaptionStyle(cfg.no_background, cfg.one_object, cfg.no_colour)
     torch.set_num_threads(cfg.threads)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -75,7 +98,7 @@ def train_base(cfg: BaseModelConfig, cache: Path) -> T2I:
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / 200)
-        x0, caps = base_batch(rng, cfg.batch_size, cfg.caption_dropout)
+        x0, caps = base_batch(rng, cfg.batch_size, cfg.caption_dropout, style)
         noise = torch.randn_like(x0)
         t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],))
         target = training_target(sched, x0, noise, t)
@@ -95,6 +118,6 @@ def train_base(cfg: BaseModelConfig, cache: Path) -> T2I:
             atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                          "step": step + 1, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()},
                         ckpt_path)
-    atomic_save(ema.state_dict(), final)
+    save_state(ema.state_dict(), final)
     ckpt_path.unlink(missing_ok=True)
     return ema.eval()

@@ -1,42 +1,48 @@
-"""The evaluation protocol (fixed before any arm was run) and its statistics.
+"""The evaluation protocol (v2, fixed before any arm was run) and its scores.
 
 Per fine-tuned model and reference set with context object C:
-  target prompts   "a sks on a {bg} background" (4) and
-                   "a sks and a {colour} {other} on a {bg} background" for the two
-                   base shapes other than C (8); C is never asked for.
-  context prompts  "a {C colour} {C} on a {bg} background" (4): the check that the
-                   context prompt alone still works (a collapse of text conditioning shows here).
-Measured by the judge on every generated image:
-  target_fidelity  the target (X) is present
-  coupling_rate    C is present although not asked for
-  text_alignment   mean over the asked-for non-target items (background right, other shape present)
-  context_alone    on context prompts: C present and background right
+  target prompts     "a sks cross on a {bg} background" (4) and
+                     "a sks cross and a {colour} {other} on a {bg} background" for the two
+                     context shapes other than C (8); C is never asked for.
+  context prompts    "a {C colour} {C} on a {bg} background" (4): the check that the
+                     context prompt alone still works (a collapse of text conditioning shows here).
+  unrelated prompts  16 fixed grammar prompts (1-2 base shapes, crosses included, never the target),
+                     2 images each: how much of the base model's text alignment is kept.
+Measured by the judge on every generated image, thresholded (rates) and as probabilities (``*_p``):
+  target_fidelity      the target (sks = orange cross) is present
+  coupling_rate        C is present although not asked for
+  text_alignment       mean over the asked-for non-target items (background right, other shape present)
+  unrelated_alignment  the same on the unrelated prompts
+  context_alone        on context prompts: C present and background right
+  context_target_leak  on context prompts: the target is present
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
-from scipy import stats
 
-from accord_face.testbed.judge import Judge, predict
+from accord_face.testbed.judge import Judge, probabilities
 from accord_face.testbed.model import T2I, sample
-from accord_face.testbed.world import BASE_SHAPES, BG_NAMES, OBJECT_COLOURS, SHAPES, TARGET_SHAPE, TARGET_TOKEN, caption
+from accord_face.testbed.stats import summarize  # noqa: F401  (re-exported: tests and callers use it from here)
+from accord_face.testbed.world import (BG_NAMES, CONTEXT_SHAPES, LABELS, OBJECT_COLOURS, TARGET_PHRASE, TARGET_TOKEN,
+                                       caption, random_scene, scene_caption)
 
-METRICS = ("target_fidelity", "coupling_rate", "text_alignment", "context_alone", "context_target_leak")
+RATES = ("target_fidelity", "coupling_rate", "text_alignment", "unrelated_alignment", "context_alone",
+         "context_target_leak")
+METRICS = RATES + tuple(f"{m}_p" for m in RATES)
+UNRELATED_IMAGES = 2
 
 
 def target_prompts(context: tuple[str, str]) -> list[tuple[str, str, str | None]]:
     """(prompt, background, other shape or None) for the target prompts of a context."""
-    others = [s for s in BASE_SHAPES if s != context[0]]
+    others = [s for s in CONTEXT_SHAPES if s != context[0]]
     colours = [c for c in OBJECT_COLOURS if c != context[1]]
-    out = [(caption([f"a {TARGET_TOKEN}"], bg), bg, None) for bg in BG_NAMES]
+    out = [(caption([TARGET_PHRASE], bg), bg, None) for bg in BG_NAMES]
     for i, bg in enumerate(BG_NAMES):
         for j, other in enumerate(others):
             col = colours[(i + j) % len(colours)]
-            out.append((caption([f"a {TARGET_TOKEN}", f"a {col} {other}"], bg), bg, other))
+            out.append((caption([TARGET_PHRASE, f"a {col} {other}"], bg), bg, other))
     return out
 
 
@@ -44,77 +50,95 @@ def context_prompts(context: tuple[str, str]) -> list[tuple[str, str]]:
     return [(caption([f"a {context[1]} {context[0]}"], bg), bg) for bg in BG_NAMES]
 
 
-def score_target_images(present: torch.Tensor, bg_pred: torch.Tensor, specs, context_shape: str) -> dict[str, list[float]]:
-    """Per-image indicators for target prompts. present (N, S) bool, bg_pred (N,), specs per image."""
-    ti, ci = SHAPES.index(TARGET_SHAPE), SHAPES.index(context_shape)
-    fid, cpl, ali = [], [], []
-    for k, (_, bg, other) in enumerate(specs):
-        fid.append(float(present[k, ti]))
-        cpl.append(float(present[k, ci]))
-        items = [float(int(bg_pred[k]) == BG_NAMES.index(bg))]
-        if other is not None:
-            items.append(float(present[k, SHAPES.index(other)]))
-        ali.append(float(np.mean(items)))
-    return {"target_fidelity": fid, "coupling_rate": cpl, "text_alignment": ali}
+def unrelated_prompts(n: int) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(prompt, background, asked shapes): n fixed prompts of 1-2 base shapes, never the target."""
+    rng = np.random.default_rng(4242)
+    out = []
+    for i in range(n):
+        s = random_scene(rng, min_objects=1 + i % 2, max_objects=1 + i % 2)
+        out.append((scene_caption(s), s.background, tuple(o.shape for o in s.objects)))
+    return out
 
 
-def protocol_specs(context: tuple[str, str], images_per_prompt: int):
-    """(target specs, context specs), one entry per generated image, in generation order."""
-    specs = [s for s in target_prompts(context) for _ in range(images_per_prompt)]
-    cspecs = [s for s in context_prompts(context) for _ in range(images_per_prompt)]
-    return specs, cspecs
+def protocol_prompts(context: tuple[str, str], images_per_prompt: int, n_unrelated: int) -> dict[str, list]:
+    """Specs per generated image, in generation order: target, context, unrelated."""
+    return {"target": [s for s in target_prompts(context) for _ in range(images_per_prompt)],
+            "context": [s for s in context_prompts(context) for _ in range(images_per_prompt)],
+            "unrelated": [s for s in unrelated_prompts(n_unrelated) for _ in range(UNRELATED_IMAGES)]}
+
+
+def score_probabilities(p: torch.Tensor, pbg: torch.Tensor, specs: dict[str, list], context_shape: str,
+                        threshold: float = 0.5) -> dict[str, list[float]]:
+    """Per-image scores from judge probabilities p (N, len(LABELS)) and background probabilities pbg (N, BG),
+    rows in protocol order. Rates threshold p at ``threshold`` and take the arg-max background; the
+    ``*_p`` scores use the probabilities themselves (probability of the right background)."""
+    ti, ci = LABELS.index(TARGET_TOKEN), LABELS.index(context_shape)
+    nt, nc = len(specs["target"]), len(specs["context"])
+    per: dict[str, list[float]] = {m: [] for m in METRICS}
+
+    def add(name: str, hard: float, soft: float) -> None:
+        per[name].append(float(hard))
+        per[f"{name}_p"].append(float(soft))
+
+    def items(k: int, bg: str, shapes) -> tuple[float, float]:
+        b = BG_NAMES.index(bg)
+        hard = [float(int(pbg[k].argmax()) == b)] + [float(p[k, LABELS.index(s)] > threshold) for s in shapes]
+        soft = [float(pbg[k, b])] + [float(p[k, LABELS.index(s)]) for s in shapes]
+        return float(np.mean(hard)), float(np.mean(soft))
+
+    for k, (_, bg, other) in enumerate(specs["target"]):
+        add("target_fidelity", p[k, ti] > threshold, p[k, ti])
+        add("coupling_rate", p[k, ci] > threshold, p[k, ci])
+        add("text_alignment", *items(k, bg, [other] if other else []))
+    for j, (_, bg) in enumerate(specs["context"]):
+        k, b = nt + j, BG_NAMES.index(bg)
+        add("context_alone", (p[k, ci] > threshold) and int(pbg[k].argmax()) == b, p[k, ci] * pbg[k, b])
+        add("context_target_leak", p[k, ti] > threshold, p[k, ti])
+    for j, (_, bg, shapes) in enumerate(specs["unrelated"]):
+        add("unrelated_alignment", *items(nt + nc + j, bg, shapes))
+    return per
 
 
 @torch.no_grad()
 def score_images(images: torch.Tensor, judge: Judge, context: tuple[str, str], images_per_prompt: int,
-                 threshold: float = 0.5) -> tuple[dict[str, float], dict]:
-    """Judge the protocol's images (target prompts first, then context prompts) -> (metric means, raw)."""
-    specs, cspecs = protocol_specs(context, images_per_prompt)
-    if images.shape[0] != len(specs) + len(cspecs):
-        raise ValueError(f"expected {len(specs) + len(cspecs)} protocol images, got {images.shape[0]}")
-    present, bg = predict(judge, images, threshold)
-    n = len(specs)
-    per = score_target_images(present[:n], bg[:n], specs, context[0])
-    ci, ti = SHAPES.index(context[0]), SHAPES.index(TARGET_SHAPE)
-    per["context_alone"] = [float(present[n + k, ci] and int(bg[n + k]) == BG_NAMES.index(b))
-                            for k, (_, b) in enumerate(cspecs)]
-    per["context_target_leak"] = [float(present[n + k, ti]) for k in range(len(cspecs))]
+                 n_unrelated: int, threshold: float = 0.5) -> tuple[dict[str, float], dict]:
+    """Judge the protocol's images (target, context, unrelated prompts) -> (metric means, raw)."""
+    specs = protocol_prompts(context, images_per_prompt, n_unrelated)
+    n = sum(len(v) for v in specs.values())
+    if images.shape[0] != n:
+        raise ValueError(f"expected {n} protocol images, got {images.shape[0]}")
+    p, pbg = probabilities(judge, images)
+    per = score_probabilities(p, pbg, specs, context[0], threshold)
     means = {k: float(np.mean(v)) for k, v in per.items()}
-    return means, {"prompts": [s[0] for s in specs + cspecs], "images": images, "present": present, "bg": bg,
-                   "n_target": n}
+    prompts = [s[0] for part in specs.values() for s in part]
+    return means, {"prompts": prompts, "images": images, "present": p > threshold, "bg": pbg.argmax(dim=1),
+                   "n_target": len(specs["target"])}
 
 
 @torch.no_grad()
 def evaluate_model(model: T2I, judge: Judge, context: tuple[str, str], seed: int, images_per_prompt: int,
-                   steps: int, guidance: float, threshold: float = 0.5) -> tuple[dict[str, float], dict]:
+                   n_unrelated: int, steps: int, guidance: float, threshold: float = 0.5) -> tuple[dict[str, float], dict]:
     """Generate the protocol's images with ``seed`` and judge them -> (metric means, raw images/labels)."""
-    specs, cspecs = protocol_specs(context, images_per_prompt)
-    images = sample(model, [s[0] for s in specs + cspecs], seed=seed, steps=steps, guidance=guidance)  # eta = 1
-    return score_images(images, judge, context, images_per_prompt, threshold)
+    specs = protocol_prompts(context, images_per_prompt, n_unrelated)
+    prompts = [s[0] for part in specs.values() for s in part]
+    images = sample(model, prompts, seed=seed, steps=steps, guidance=guidance)  # eta = 1
+    return score_images(images, judge, context, images_per_prompt, n_unrelated, threshold)
 
 
 @torch.no_grad()
 def prompt_accuracy(model: T2I, judge: Judge, n: int, seed: int, steps: int, guidance: float,
                     threshold: float = 0.5) -> dict[str, float]:
-    """Base-model prompt following on random grammar prompts (0-2 base shapes), judged."""
-    from accord_face.testbed.world import random_scene, scene_caption
+    """Base-model prompt following on random grammar prompts (1-2 base shapes, full captions), judged."""
     rng = np.random.default_rng(seed)
     scenes = [random_scene(rng, min_objects=1 + i % 2, max_objects=1 + i % 2) for i in range(n)]
     images = sample(model, [scene_caption(s) for s in scenes], seed=seed, steps=steps, guidance=guidance)
-    present, bg = predict(judge, images, threshold)
-    asked = torch.from_numpy(np.stack([s.labels()[:-1] for s in scenes])) > 0.5
+    p, pbg = probabilities(judge, images)
+    present = p[:, :len(LABELS) - 1] > threshold                    # base shapes only
+    asked = torch.from_numpy(np.stack([s.labels()[:len(LABELS) - 1] for s in scenes])) > 0.5
     want_bg = torch.tensor([BG_NAMES.index(s.background) for s in scenes])
-    obj_recall = float((present & asked).sum() / asked.sum())
-    extra = float((present & ~asked).sum() / (~asked).sum())
-    bg_ok = bg == want_bg
+    bg_ok = pbg.argmax(dim=1) == want_bg
     exact = ((present == asked).all(dim=1) & bg_ok).float().mean()
-    return {"object_recall": obj_recall, "unasked_object_rate": extra, "background": float(bg_ok.float().mean()),
-            "all_exact": float(exact), "n": n}
-
-
-def summarize(values: list[float]) -> dict:
-    """{mean, ci95, n, per_run}: Student-t 95 % half-width over runs (n = runs)."""
-    v = np.asarray(values, dtype=np.float64)
-    n = len(v)
-    half = float(stats.t.ppf(0.975, n - 1) * v.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    return {"mean": float(v.mean()), "ci95": half, "n": n, "per_run": [round(float(x), 4) for x in v]}
+    return {"object_recall": float((present & asked).sum() / asked.sum()),
+            "unasked_object_rate": float((present & ~asked).sum() / (~asked).sum()),
+            "background": float(bg_ok.float().mean()), "all_exact": float(exact),
+            "sks_drawn": float((p[:, LABELS.index(TARGET_TOKEN)] > threshold).float().mean()), "n": n}

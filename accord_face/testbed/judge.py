@@ -1,4 +1,5 @@
-"""The judge: a small CNN that says which shapes are in an image and what the background is.
+"""The judge: a small CNN that says which shapes are in an image, whether the target (an orange
+cross, ``sks``) is among them, and what the background is.
 
 Trained on renders with heavy augmentation (desaturation, colour cast, contrast
 loss, blur, noise) because generated images are washed out, noisy and blurry,
@@ -16,15 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from accord_face.testbed.base import atomic_save, load_weights
+from accord_face.testbed.base import load_state, save_state
 from accord_face.testbed.config import JudgeConfig
-from accord_face.testbed.world import BG_NAMES, SHAPES, random_scene, render_batch
+from accord_face.testbed.world import BG_NAMES, LABELS, random_scene, render_batch
 
 log = logging.getLogger(__name__)
 
 
 class Judge(nn.Module):
-    """images (N, 3, 32, 32) in [-1, 1] -> (shape logits (N, len(SHAPES)), background logits (N, len(BG_NAMES)))."""
+    """images (N, 3, 32, 32) in [-1, 1] -> (label logits (N, len(LABELS)), background logits (N, len(BG_NAMES)))."""
 
     def __init__(self, width: int = 32):
         super().__init__()
@@ -36,7 +37,7 @@ class Judge(nn.Module):
             nn.MaxPool2d(2),                                                     # 8 x 8
             nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.ReLU(),
         )
-        self.shape_head = nn.Conv2d(2 * c, len(SHAPES), 1)   # per-location evidence, max-pooled: "anywhere"
+        self.shape_head = nn.Conv2d(2 * c, len(LABELS), 1)   # per-location evidence, max-pooled: "anywhere"
         self.bg_head = nn.Linear(2 * c, len(BG_NAMES))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,9 +70,10 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(-1.2, 1.2)
 
 
-def judge_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n scenes with 0-3 shapes of any kind (target included) -> images, labels (N, S + 1)."""
-    scenes = [random_scene(rng, SHAPES, max_objects=3) for _ in range(n)]
+def judge_batch(rng: np.random.Generator, n: int, orange: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """n scenes with 0-3 base shapes, each orange with probability ``orange`` (an orange cross is the
+    target; an orange square is only a square) -> images, labels (N, len(LABELS) + 1)."""
+    scenes = [random_scene(rng, max_objects=3, orange=orange) for _ in range(n)]
     return torch.from_numpy(render_batch(scenes)), torch.from_numpy(np.stack([s.labels() for s in scenes]))
 
 
@@ -81,10 +83,17 @@ def judge_loss(j: Judge, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def probabilities(j: Judge, x: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """images -> (label probabilities (N, len(LABELS)) = sigmoid, background probabilities (N, BG) = softmax)."""
+    outs = [j(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]
+    return torch.sigmoid(torch.cat([o[0] for o in outs])), torch.softmax(torch.cat([o[1] for o in outs]), dim=1)
+
+
+@torch.no_grad()
 def predict(j: Judge, x: torch.Tensor, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """images -> (present (N, S) bool, background index (N,))."""
-    s, b = j(x)
-    return torch.sigmoid(s) > threshold, b.argmax(dim=1)
+    """images -> (present (N, len(LABELS)) bool, background index (N,))."""
+    p, b = probabilities(j, x)
+    return p > threshold, b.argmax(dim=1)
 
 
 def accuracy(j: Judge, x: torch.Tensor, y: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
@@ -92,7 +101,7 @@ def accuracy(j: Judge, x: torch.Tensor, y: torch.Tensor, threshold: float = 0.5)
     present, bg = predict(j.eval(), x, threshold)
     shape_ok = present == (y[:, :-1] > 0.5)                          # (N, S)
     bg_ok = bg == y[:, -1].long()
-    out = {f"shape_{name}": float(shape_ok[:, i].float().mean()) for i, name in enumerate(SHAPES)}
+    out = {f"label_{name}": float(shape_ok[:, i].float().mean()) for i, name in enumerate(LABELS)}
     out["background"] = float(bg_ok.float().mean())
     out["all_labels"] = float((shape_ok.all(dim=1) & bg_ok).float().mean())
     return out
@@ -100,19 +109,19 @@ def accuracy(j: Judge, x: torch.Tensor, y: torch.Tensor, threshold: float = 0.5)
 
 def train_judge(cfg: JudgeConfig, cache: Path) -> tuple[Judge, dict[str, dict[str, float]]]:
     """Train (or load) the judge; returns it with held-out accuracy on clean and augmented renders."""
-    path = cache / f"judge_v{cfg.version}.pt"
+    path = cache / f"judge_v{cfg.version}.safetensors"
     torch.manual_seed(cfg.seed)
     j = Judge()
     gen = torch.Generator().manual_seed(cfg.seed)
     if path.exists():
-        j.load_state_dict(load_weights(path))
+        j.load_state_dict(load_state(path))
     else:
         rng = np.random.default_rng(cfg.seed)
         opt = torch.optim.Adam(j.parameters(), lr=cfg.lr)
         for step in tqdm(range(cfg.steps), desc="judge", mininterval=30):
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))
-            x, y = judge_batch(rng, cfg.batch_size)
+            x, y = judge_batch(rng, cfg.batch_size, cfg.orange)
             x = torch.where(torch.rand(x.shape[0], 1, 1, 1, generator=gen) < 0.85, augment(x, gen), x)
             loss = judge_loss(j, x, y)
             opt.zero_grad(set_to_none=True)
@@ -120,9 +129,9 @@ def train_judge(cfg: JudgeConfig, cache: Path) -> tuple[Judge, dict[str, dict[st
             opt.step()
             if (step + 1) % 250 == 0:
                 log.info("judge step %d loss %.4f", step + 1, loss.item())
-        atomic_save(j.state_dict(), path)
+        save_state(j.state_dict(), path)
     rng = np.random.default_rng(10_000 + cfg.seed)  # held-out scenes: a seed never used for training
-    x, y = judge_batch(rng, 1000)
+    x, y = judge_batch(rng, cfg.eval_renders, cfg.orange)
     report = {"clean_renders": accuracy(j, x, y, cfg.threshold),
               "augmented_renders": accuracy(j, augment(x, gen), y, cfg.threshold)}
     return j.eval(), report

@@ -28,33 +28,49 @@ def save_grid(images: torch.Tensor, labels: list[str], path: Path, cols: int = 1
     tmp.replace(path)
 
 
-def _fmt(e: dict) -> str:
-    return f"{e['mean']:.2f} ± {e['ci95']:.2f}" if np.isfinite(e["ci95"]) else f"{e['mean']:.2f}"
+def _fmt(e: dict | None, digits: int = 2) -> str:
+    if not e:
+        return "-"
+    if "mean_diff" in e:
+        m, h = e["mean_diff"], e["ci95"]
+        return f"{m:+.{digits}f} ± {h:.{digits}f}" if np.isfinite(h) else (f"{m:+.{digits}f}" if np.isfinite(m) else "-")
+    return f"{e['mean']:.{digits}f} ± {e['ci95']:.{digits}f}" if np.isfinite(e["ci95"]) else f"{e['mean']:.{digits}f}"
 
 
 def write_table(results: dict, path: Path) -> str:
-    """Markdown table, one row per arm."""
-    lines = ["| arm | lambda_DD | achieved lambda·L_DD/L_base | target fidelity | coupling rate | text alignment "
-             "| context prompt alone | context prompt -> target leak | runs (images) |", "|---|---|---|---|---|---|---|---|---|"]
+    """Markdown: per-arm means (rate / judge probability), paired differences vs baseline with power."""
+    head = "partial: " if results.get("partial") else ""
+    lines = [f"{head}{results.get('runs_done')} of {results.get('runs_planned')} planned runs "
+             f"(protocol v{results.get('protocol_version')}); mean ± Student-t 95 % half-width over runs", "",
+             "| arm | lambda_DD | target fidelity (rate / p) | coupling rate (rate / p) | text alignment | "
+             "unrelated alignment kept | context prompt alone | context -> target leak | runs (images) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, e in results["arms"].items():
         lam = ", ".join(f"{x:.3g}" for x in e["lambda_dd"])
-        ratios = [r for r in e["ratio_achieved"] if r is not None]
-        ratio = f"{np.mean(ratios):.3f}" if ratios else "-"
-        lines.append(f"| {name} | {lam} | {ratio} | {_fmt(e['target_fidelity'])} | {_fmt(e['coupling_rate'])} | "
-                     f"{_fmt(e['text_alignment'])} | {_fmt(e['context_alone'])} | {_fmt(e['context_target_leak'])} | "
-                     f"{e['target_fidelity']['n']} ({e['n_images']}) |")
-    lines += ["", "Delta_t (the per-sample DDLoss quantity) by timestep quartile, mean over runs, "
-              "first -> last 20 % of fine-tuning steps:", "",
-              "| arm | t < 250 | 250-499 | 500-749 | >= 750 |", "|---|---|---|---|---|"]
+        lines.append(f"| {name} | {lam} | {_fmt(e['target_fidelity'])} / {_fmt(e['target_fidelity_p'])} | "
+                     f"{_fmt(e['coupling_rate'])} / {_fmt(e['coupling_rate_p'])} | {_fmt(e['text_alignment'])} | "
+                     f"{_fmt(e.get('unrelated_alignment_kept'))} | {_fmt(e['context_alone'])} | "
+                     f"{_fmt(e['context_target_leak'])} | {e['target_fidelity']['n']} ({e['n_images']}) |")
+    pw = results.get("power", {}).get("arms", {})
+    lines += ["", "Paired differences vs `baseline` (same reference set and seed), mean ± 95 % half-width; power "
+              f"for a {results.get('power', {}).get('relative_reduction', 0.3):.0%} relative reduction of baseline's "
+              "coupling (paired t, two-sided, 0.05) with the observed sd of the differences:", "",
+              "| arm | pairs | d coupling rate | d coupling p | d target fidelity | d text alignment | d unrelated alignment "
+              "| power reached (rate / p) | pairs needed for 80 % (rate / p) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, e in results["arms"].items():
-        cells = []
-        for q in ("0", "1", "2", "3"):
-            pairs = [r["delta_by_quartile"].get(q) or r["delta_by_quartile"].get(int(q)) for r in e["runs"]]
-            pairs = [p for p in pairs if p and p["first"] is not None and p["last"] is not None]
-            cells.append(f"{np.mean([p['first'] for p in pairs]):.3g} -> {np.mean([p['last'] for p in pairs]):.3g}"
-                         if pairs else "-")
-        if any(c != "-" for c in cells):
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        d = e.get("paired_vs_baseline")
+        if not d:
+            continue
+        p = pw.get(name, {})
+
+        def pr(m: str, key: str) -> str:
+            v = p.get(m, {}).get(key)
+            return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else (
+                f"{v:.2f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {name} | {d['coupling_rate']['n']} | {_fmt(d['coupling_rate'])} | {_fmt(d['coupling_rate_p'])} | "
+                     f"{_fmt(d['target_fidelity'])} | {_fmt(d['text_alignment'])} | {_fmt(d['unrelated_alignment'])} | "
+                     f"{pr('coupling_rate', 'power_achieved')} / {pr('coupling_rate_p', 'power_achieved')} | "
+                     f"{pr('coupling_rate', 'pairs_needed')} / {pr('coupling_rate_p', 'pairs_needed')} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
@@ -68,7 +84,7 @@ def write_plot(results: dict, path: Path) -> None:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, e in results["arms"].items():
-        for ax, (mx, my) in ((a1, ("coupling_rate", "target_fidelity")), (a2, ("context_alone", "text_alignment"))):
+        for ax, (mx, my) in ((a1, ("coupling_rate", "target_fidelity")), (a2, ("context_alone", "unrelated_alignment"))):
             x, y = e[mx], e[my]
             # bars span the per-run values: with 2-3 runs a t-interval is wider than the whole axis
             xerr = [[max(0.0, x["mean"] - min(x["per_run"]))], [max(0.0, max(x["per_run"]) - x["mean"])]]
@@ -78,10 +94,11 @@ def write_plot(results: dict, path: Path) -> None:
     a1.set_xlabel("coupling rate (context object present, not asked)  lower = better")
     a1.set_ylabel("target fidelity (target present)")
     a2.set_xlabel("context prompt alone works")
-    a2.set_ylabel("text alignment on target prompts")
+    a2.set_ylabel("text alignment on unrelated prompts")
     for ax in (a1, a2):
         ax.set_xlim(-0.05, 1.05), ax.set_ylim(-0.05, 1.05), ax.grid(alpha=0.3)
-    fig.suptitle("ACCORD coupling testbed: mean over runs, bars = range of the per-run values")
+    fig.suptitle(f"ACCORD coupling testbed v{results.get('protocol_version', 1)}"
+                 f"{' (partial)' if results.get('partial') else ''}: mean over runs, bars = range of the per-run values")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -1,12 +1,19 @@
-"""Orchestrate the coupling testbed: base model -> judge -> calibration -> arms -> results.
+"""Orchestrate the coupling testbed (protocol v2), in the order the protocol fixes:
 
-Everything expensive is cached: the base model and judge under ``cache_dir``,
-every (arm, reference set, seed) run as its own JSON written atomically in
-``out_dir/runs``. A rerun skips what is finished, so a crash loses one run.
+    base model -> judge -> fine-tune strength (baseline only, held-out seeds) -> lambda calibration
+    -> runs (seeds outermost, then reference sets, then arms) -> results (paired, power)
+
+Everything expensive is cached: the base model, judge and class images under
+``cache_dir``, every run (strength trials included) as its own JSON + images
+written atomically under ``out_dir``. A rerun reuses what is finished and
+matches the current config, so a crash or a deadline (``stop_at``) loses at
+most the run in progress; a later session carries on.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -17,16 +24,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from accord_face.config import to_dict
-from accord_face.testbed.arms import CONTEXTS, calibrate_lambda, finetune, make_arms, reference_set
-from accord_face.testbed.base import train_base
-from accord_face.testbed.config import TestbedConfig
-from accord_face.testbed.evaluate import METRICS, evaluate_model, prompt_accuracy, score_images, summarize
+from accord_face.config import ConfigError, to_dict
+from accord_face.testbed.arms import (CONTEXTS, DEFAULT_ARMS, Arm, calibrate_lambda, class_images, finetune,
+                                      make_arms, reference_set)
+from accord_face.testbed.base import load_state, save_state, train_base
+from accord_face.testbed.config import FinetuneConfig, TestbedConfig
+from accord_face.testbed.evaluate import METRICS, RATES, evaluate_model, prompt_accuracy, score_images
 from accord_face.testbed.judge import train_judge
 from accord_face.testbed.model import to_uint8
 from accord_face.testbed.report import save_grid, write_plot, write_table
+from accord_face.testbed.stats import paired, power_analysis, summarize
 
 log = logging.getLogger(__name__)
+PROTOCOL_VERSION = 2
+ASSETS = Path(__file__).parent / "assets"
+REBUILD = "python scripts/run_testbed.py --config configs/testbed.yaml --export-assets use_assets=false"
 
 
 def write_json(obj, path: Path) -> None:
@@ -35,12 +47,22 @@ def write_json(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def cached_json(path: Path, make):
+def cached_json(path: Path, make, key: str | None = None):
+    """The JSON at ``path`` if it exists (and records ``key``), else make() written there."""
     if path.exists():
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
+        if key is None or obj.get("key") == key:
+            return obj
+        log.info("%s was made with another config: redoing it", path)
     obj = make()
+    if key is not None:
+        obj["key"] = key
     write_json(obj, path)
     return obj
+
+
+def config_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _tail_mean(xs: list[float], frac: float, last: bool) -> float | None:
@@ -50,7 +72,152 @@ def _tail_mean(xs: list[float], frac: float, last: bool) -> float | None:
     return float(np.mean(xs[-k:] if last else xs[:k]))
 
 
+def _deadline(stop_at: str) -> float | None:
+    """'HH:MM' (UTC, today) -> epoch seconds; '' -> None."""
+    if not stop_at:
+        return None
+    h, m = (int(x) for x in stop_at.split(":"))
+    now = dt.datetime.now(dt.timezone.utc)
+    return now.replace(hour=h, minute=m, second=0, microsecond=0).timestamp()
+
+
+class Runner:
+    """One (arm, reference set, seed) run = fine-tune + generate + judge, cached as JSON + npz."""
+
+    def __init__(self, cfg: TestbedConfig, base, judge, judge_id: str, cache: Path):
+        self.cfg, self.base, self.judge, self.judge_id, self.cache = cfg, base, judge, judge_id, cache
+        self.refsets: dict[tuple[int, bool], object] = {}
+        self._prior = None
+        self.deadline = _deadline(cfg.stop_at)
+        self.durations: dict[str, float] = {}
+        self.skipped: list[str] = []
+
+    def refs(self, r: int, varied: bool = False):
+        if (r, varied) not in self.refsets:
+            self.refsets[(r, varied)] = reference_set(r, self.cfg.finetune.n_refs, varied)
+        return self.refsets[(r, varied)]
+
+    def prior_images(self) -> torch.Tensor:
+        if self._prior is None:
+            n, path = self.cfg.finetune.n_class_images, self.cache / f"class_images_{self.cfg.finetune.n_class_images}.safetensors"
+            if path.exists():
+                self._prior = load_state(path)["images"]
+            else:
+                ev = self.cfg.eval
+                self._prior = class_images(self.base, n, steps=ev.sample_steps, guidance=ev.guidance)
+                save_state({"images": self._prior}, path)
+                save_grid(self._prior, ["a cross"] * n, Path(self.cfg.out_dir) / "samples" / "class_images.png")
+        return self._prior
+
+    def run(self, folder: Path, arm: Arm | None, r: int, seed: int, ft: FinetuneConfig, lam: float,
+            save_samples: bool = False) -> dict | None:
+        """``arm`` None = the base model itself. Returns None when the deadline leaves no time for it."""
+        cfg, ev = self.cfg, self.cfg.eval
+        name = arm.name if arm else "base"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}_ref{r}_seed{seed}.json"
+        key = config_key(PROTOCOL_VERSION, to_dict(ev), CONTEXTS[r], seed,
+                         None if arm is None else (to_dict(arm), to_dict(ft), round(lam, 8)))
+        if path.exists():
+            res = json.loads(path.read_text())
+            if res.get("key") == key:
+                if res.get("judge") != self.judge_id:  # judged by another judge: re-judge the stored images
+                    res["metrics"], _ = score_images(load_run_images(path), self.judge, CONTEXTS[r],
+                                                     ev.images_per_prompt, ev.unrelated_prompts, cfg.judge.threshold)
+                    res["judge"] = self.judge_id
+                    write_json(res, path)
+                return res
+            log.info("%s was made with another config: rerunning it", path.name)
+        if self.deadline is not None:
+            est = self.durations.get(name, max(self.durations.values(), default=0.0))
+            if time.time() + 1.2 * est > self.deadline:
+                self.skipped.append(path.name)
+                log.info("skipping %s: it would not finish before stop_at=%s", path.name, cfg.stop_at)
+                return None
+        t0 = time.time()
+        logs: dict = {}
+        if arm is None:
+            model = self.base
+        else:
+            refs = self.refs(r, varied=arm.refs == "varied")
+            model, logs = finetune(self.base, arm, refs, ft, seed, lam, self.prior_images() if arm.prior else None)
+        means, raw = evaluate_model(model, self.judge, CONTEXTS[r], seed, ev.images_per_prompt, ev.unrelated_prompts,
+                                    ev.sample_steps, ev.guidance, cfg.judge.threshold)
+        if save_samples:
+            save_grid(raw["images"], [_labels(raw, k) for k in range(len(raw["prompts"]))],
+                      folder / f"{name}_ref{r}_seed{seed}.png")
+        np.savez_compressed(path.with_suffix(".npz"), images=to_uint8(raw["images"]))
+        res = {"protocol_version": PROTOCOL_VERSION, "key": key, "arm": name, "ref_set": r, "seed": seed,
+               "context": list(CONTEXTS[r]), "lambda_dd": lam, "finetune": to_dict(ft) if arm else None,
+               "metrics": means, "judge": self.judge_id, "n_images": raw["n_target"],
+               "seconds": round(time.time() - t0, 1),
+               "L_base_first": _tail_mean(logs.get("L_base", []), 0.2, False),
+               "L_base_last": _tail_mean(logs.get("L_base", []), 0.2, True),
+               "L_DD_first": _tail_mean(logs.get("L_DD", []), 0.2, False),
+               "L_DD_last": _tail_mean(logs.get("L_DD", []), 0.2, True),
+               "L_prior_last": _tail_mean(logs.get("L_prior", []), 0.2, True),
+               "ratio_mean": _tail_mean(logs.get("ratio", []), 1.0, True),
+               "delta_by_quartile": {q: {"first": _tail_mean(v, 0.2, False), "last": _tail_mean(v, 0.2, True)}
+                                     for q, v in logs.get("delta_by_quartile", {}).items()}}
+        write_json(res, path)
+        self.durations[name] = res["seconds"]
+        log.info("%s ref%d seed%d: %s (%.0fs)", name, r, seed,
+                 {k: round(v, 3) for k, v in means.items() if k in RATES}, res["seconds"])
+        return res
+
+
+def pick_strength(rows: list[dict], min_fidelity: float, min_kept: float) -> tuple[int, bool]:
+    """(index of the chosen candidate, whether it meets both criteria) from rows with
+    ``target_fidelity`` and ``alignment_kept``: among candidates with fidelity >= min_fidelity and
+    alignment kept >= min_kept the one keeping the most alignment; if none, the highest fidelity
+    among those keeping enough alignment, else the highest fidelity."""
+    if not rows:
+        raise ValueError("strength.candidates is empty")
+    passing = [i for i, x in enumerate(rows) if x["target_fidelity"] >= min_fidelity and x["alignment_kept"] >= min_kept]
+    if passing:
+        return max(passing, key=lambda i: rows[i]["alignment_kept"]), True
+    keep = [i for i, x in enumerate(rows) if x["alignment_kept"] >= min_kept] or list(range(len(rows)))
+    return max(keep, key=lambda i: rows[i]["target_fidelity"]), False
+
+
+def choose_strength(runner: Runner, out: Path) -> dict:
+    """Pick the fine-tune strength on `baseline` with held-out seeds, before any ACCORD arm runs.
+
+    A candidate passes when baseline's target fidelity >= min_fidelity and its unrelated-prompt
+    alignment is >= min_alignment_kept of the base model's (same seeds). Among passing candidates
+    the one keeping the most alignment wins; if none passes, the highest fidelity among those
+    keeping enough alignment, else the highest fidelity (``criteria_met`` false).
+    """
+    cfg, sc = runner.cfg, runner.cfg.strength
+    base_align = []
+    for r in sc.ref_sets:
+        for s in sc.seeds:
+            res = runner.run(out / "strength", None, r, s, cfg.finetune, 0.0)
+            base_align.append(res["metrics"]["unrelated_alignment"])
+    rows = []
+    for i, c in enumerate(sc.candidates):
+        ft = replace(cfg.finetune, mode=c.mode, lr=c.lr, steps=c.steps, lora_rank=c.lora_rank)
+        ms = [runner.run(out / "strength" / f"c{i}_{c.mode}_lr{c.lr:g}_s{c.steps}", Arm("baseline"), r, s, ft, 0.0)
+              ["metrics"] for r in sc.ref_sets for s in sc.seeds]
+        fid = float(np.mean([m["target_fidelity"] for m in ms]))
+        kept = float(np.mean([m["unrelated_alignment"] for m in ms]) / max(np.mean(base_align), 1e-9))
+        rows.append({"candidate": to_dict(c), "target_fidelity": fid, "alignment_kept": kept,
+                     "coupling_rate": float(np.mean([m["coupling_rate"] for m in ms])),
+                     "text_alignment": float(np.mean([m["text_alignment"] for m in ms]))})
+        log.info("strength candidate %d %s: fidelity %.2f, alignment kept %.2f", i, to_dict(c), fid, kept)
+    best, met = pick_strength(rows, sc.min_fidelity, sc.min_alignment_kept)
+    return {"seeds": sc.seeds, "ref_sets": sc.ref_sets, "base_unrelated_alignment": float(np.mean(base_align)),
+            "candidates": rows, "chosen": best, "criteria_met": met,
+            "rule": f"target_fidelity >= {sc.min_fidelity} and alignment kept >= {sc.min_alignment_kept}; "
+                    "among those, most alignment kept"}
+
+
 def run_testbed(cfg: TestbedConfig) -> dict:
+    arms = make_arms(cfg.finetune)
+    names = cfg.arms or list(DEFAULT_ARMS)
+    unknown = [a for a in names if a not in arms]
+    if unknown:
+        raise ConfigError(f"testbed: unknown arm(s) {unknown} in 'arms'; choose from {list(arms)}")
     out, cache = Path(cfg.out_dir), Path(cfg.cache_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)
@@ -64,136 +231,167 @@ def run_testbed(cfg: TestbedConfig) -> dict:
     log.info("judge held-out accuracy: %s", judge_report)
     judge_id = f"v{cfg.judge.version}"
     base_acc = cached_json(out / f"base_prompt_accuracy_judge_{judge_id}.json", lambda: prompt_accuracy(
-        base, judge, 96, 777, ev.sample_steps, ev.guidance, cfg.judge.threshold))
+        base, judge, 96, 777, ev.sample_steps, ev.guidance, cfg.judge.threshold), key=config_key(to_dict(cfg.base)))
     log.info("base-model prompt accuracy: %s", base_acc)
 
-    arms = make_arms(cfg.finetune)
-    names = cfg.arms or list(arms)
-    unknown = [a for a in names if a not in arms]
-    if unknown:
-        raise ValueError(f"testbed: unknown arm(s) {unknown} in 'arms'; choose from {list(arms)}")
-    refsets = {r: reference_set(r, cfg.finetune.n_refs) for r in cfg.ref_sets}
-    for r, refs in refsets.items():
-        save_grid(refs.images, [f"ref{r}"] * len(refs.backgrounds), out / "samples" / f"references_{r}.png")
+    runner = Runner(cfg, base, judge, judge_id, cache)
+    for r in cfg.ref_sets:
+        save_grid(runner.refs(r).images, [f"ref{r}"] * cfg.finetune.n_refs, out / "samples" / f"references_{r}.png")
 
-    # L_DD / L_base on the base model depends only on how L_DD is formed (timesteps, background words),
-    # not on lambda, warm-up or who computes the branches (live == frozen before fine-tuning).
+    # 1. fine-tune strength, on baseline and held-out seeds, before any ACCORD arm
+    strength = None
+    ft = cfg.finetune
+    if cfg.strength.candidates:
+        strength = cached_json(out / "strength.json", lambda: choose_strength(runner, out),
+                               key=config_key(to_dict(cfg.strength), to_dict(cfg.finetune), to_dict(ev)))
+        c = cfg.strength.candidates[strength["chosen"]]
+        ft = replace(ft, mode=c.mode, lr=c.lr, steps=c.steps, lora_rank=c.lora_rank)
+        log.info("fine-tune strength: %s (criteria met: %s)", to_dict(c), strength["criteria_met"])
+
+    # 2. lambda calibration on the trainable parameters, one file per reference set (parallel-safe)
     def dd_kind(a: str) -> str:
-        return f"t={arms[a].timesteps},keep_bg={arms[a].keep_background}"
-
-    def calibration_of(r: int) -> dict:
-        kinds = {dd_kind(a): a for a in names if arms[a].ratio > 0}
-        return {f"{kind}/{r}": calibrate_lambda(base, replace(arms[a], ratio=1.0), refsets[r], cfg.finetune)
-                for kind, a in kinds.items()}
+        return f"t={arms[a].timesteps},keep_bg={arms[a].keep_background},refs={arms[a].refs}"
+    kinds = {dd_kind(a): a for a in names if arms[a].ratio > 0}
     calib: dict = {}
-    for r in refsets:  # one file per reference set, so reference sets can run as parallel processes
-        calib.update(cached_json(out / f"calibration_ref{r}.json", lambda: calibration_of(r)))
+    for r in cfg.ref_sets:
+        def calibrate(r=r):
+            return {kind: calibrate_lambda(base, replace(arms[a], ratio=1.0), runner.refs(r), ft)
+                    for kind, a in kinds.items()}
+        calib[r] = cached_json(out / f"calibration_ref{r}.json", calibrate, key=config_key(to_dict(ft), sorted(kinds)))
+    if cfg.prepare_only:
+        log.info("prepare_only: base model, judge, strength and calibration are ready")
+        return {"prepared": True}
 
-    def one_run(arm_name: str, r: int, seed: int) -> dict:
-        path = out / "runs" / f"{arm_name}_ref{r}_seed{seed}.json"
-        if path.exists():
-            res = json.loads(path.read_text())
-            if res.get("judge") != judge_id:  # judged by an older judge: re-judge the stored images
-                images = load_run_images(path, out / "samples" / f"{arm_name}_ref{r}_seed{seed}.png")
-                res["metrics"], _ = score_images(images, judge, CONTEXTS[r], ev.images_per_prompt,
-                                                 cfg.judge.threshold)
-                res["judge"] = judge_id
-                write_json(res, path)
-                log.info("re-judged %s with %s: %s", path.name, judge_id,
-                         {k: round(v, 3) for k, v in res["metrics"].items()})
-            return res
-        t0 = time.time()
-        logs: dict = {}
-        lam = 0.0
-        if arm_name == "base":
-            model = base
-        else:
-            arm = arms[arm_name]
-            lam = arm.ratio * calib[f"{dd_kind(arm_name)}/{r}"]["lambda"] if arm.ratio > 0 else 0.0
-            model, logs = finetune(base, arm, refsets[r], cfg.finetune, seed, lam)
-        means, raw = evaluate_model(model, judge, CONTEXTS[r], seed, ev.images_per_prompt, ev.sample_steps,
-                                    ev.guidance, cfg.judge.threshold)
-        if seed == cfg.seeds[0]:
-            save_grid(raw["images"], [_labels(raw, k) for k in range(len(raw["prompts"]))],
-                      out / "samples" / f"{arm_name}_ref{r}_seed{seed}.png")
-        np.savez_compressed(path.with_suffix(".npz"), images=to_uint8(raw["images"]))
-        res = {"arm": arm_name, "ref_set": r, "seed": seed, "lambda_dd": lam, "metrics": means, "judge": judge_id,
-               "n_images": raw["n_target"], "seconds": round(time.time() - t0, 1),
-               "L_base_first": _tail_mean(logs.get("L_base", []), 0.2, False),
-               "L_base_last": _tail_mean(logs.get("L_base", []), 0.2, True),
-               "L_DD_first": _tail_mean(logs.get("L_DD", []), 0.2, False),
-               "L_DD_last": _tail_mean(logs.get("L_DD", []), 0.2, True),
-               "ratio_mean": _tail_mean(logs.get("ratio", []), 1.0, True),
-               "delta_by_quartile": {q: {"first": _tail_mean(v, 0.2, False), "last": _tail_mean(v, 0.2, True)}
-                                     for q, v in logs.get("delta_by_quartile", {}).items()}}
-        write_json(res, path)
-        log.info("%s ref%d seed%d: %s (%.0fs)", arm_name, r, seed,
-                 {k: round(v, 3) for k, v in means.items()}, res["seconds"])
-        return res
-
+    # 3. runs: seeds outermost, so every arm gets a run on every reference set before any gets a second seed
     runs: dict[str, list[dict]] = {}
-    for seed in cfg.seeds:           # seeds outermost: every arm gets a run before any gets a second
+    planned = 0
+    for seed in cfg.seeds:
         for r in cfg.ref_sets:
             for a in ["base"] + names:
-                runs.setdefault(a, []).append(one_run(a, r, seed))
-
-    results = {"config": to_dict(cfg), "judge": judge_id, "judge_accuracy": judge_report, "base_prompt_accuracy": base_acc,
-               "calibration": calib, "arms": {}}
-    for a, rs in runs.items():
-        entry = {m: summarize([x["metrics"][m] for x in rs]) for m in METRICS}
-        entry["n_images"] = int(sum(x["n_images"] for x in rs))
-        entry["lambda_dd"] = sorted({round(x["lambda_dd"], 6) for x in rs})
-        entry["ratio_achieved"] = [x["ratio_mean"] for x in rs]
-        entry["runs"] = [{k: x[k] for k in ("ref_set", "seed", "metrics", "L_base_first", "L_base_last",
-                                            "L_DD_first", "L_DD_last", "delta_by_quartile")} for x in rs]
-        results["arms"][a] = entry
+                planned += 1
+                arm = arms.get(a)
+                lam = arm.ratio * calib[r][dd_kind(a)]["lambda_per_unit"] if arm is not None and arm.ratio > 0 else 0.0
+                res = runner.run(out / "runs", arm, r, seed, ft, lam, save_samples=seed == cfg.seeds[0] and r < 2)
+                if res is not None:
+                    runs.setdefault(a, []).append(res)
+    results = aggregate(cfg, runs, planned, calib, strength, ft, judge_id, judge_report, base_acc, runner.skipped)
     write_json(results, out / "results.json")
     write_table(results, out / "table.md")
     write_plot(results, out / "coupling_vs_fidelity.png")
     return results
 
 
-ASSETS = Path(__file__).parent / "assets"
+def aggregate(cfg: TestbedConfig, runs: dict[str, list[dict]], planned: int, calib: dict, strength: dict | None,
+              ft: FinetuneConfig, judge_id: str, judge_report: dict, base_acc: dict, skipped: list[str]) -> dict:
+    """results.json (protocol v2): per arm summaries, paired differences vs baseline, calibration, power."""
+    done = sum(len(v) for v in runs.values())
+    by_key = {a: {(x["ref_set"], x["seed"]): x for x in rs} for a, rs in runs.items()}
+    results = {"protocol_version": PROTOCOL_VERSION, "partial": done < planned, "runs_done": done,
+               "runs_planned": planned, "runs_skipped": skipped, "config": to_dict(cfg), "finetune_used": to_dict(ft),
+               "strength": strength, "judge": judge_id, "judge_accuracy": judge_report,
+               "base_prompt_accuracy": base_acc, "calibration": _calibration_summary(calib), "arms": {}}
+    base_runs = by_key.get("base", {})
+    for a, rs in runs.items():
+        entry = {m: summarize([x["metrics"][m] for x in rs]) for m in METRICS}
+        kept = [x["metrics"]["unrelated_alignment"] / base_runs[(x["ref_set"], x["seed"])]["metrics"]["unrelated_alignment"]
+                for x in rs if (x["ref_set"], x["seed"]) in base_runs
+                and base_runs[(x["ref_set"], x["seed"])]["metrics"]["unrelated_alignment"] > 0]
+        entry["unrelated_alignment_kept"] = summarize(kept) if kept else None
+        entry["n_images"] = int(sum(x["n_images"] for x in rs))
+        entry["lambda_dd"] = sorted({round(x["lambda_dd"], 6) for x in rs})
+        entry["ratio_achieved"] = [x["ratio_mean"] for x in rs]
+        entry["runs"] = [{k: x.get(k) for k in ("ref_set", "seed", "metrics", "lambda_dd", "L_base_first",
+                                                "L_base_last", "L_DD_first", "L_DD_last", "L_prior_last",
+                                                "delta_by_quartile", "seconds")} for x in rs]
+        if a != "baseline" and "baseline" in by_key:
+            ref = by_key["baseline"]
+            entry["paired_vs_baseline"] = {
+                m: paired({k: x["metrics"][m] for k, x in by_key[a].items()}, {k: x["metrics"][m] for k, x in ref.items()})
+                for m in METRICS}
+        results["arms"][a] = entry
+    power: dict = {}
+    if "baseline" in results["arms"]:
+        pw = cfg.power
+        for a, e in results["arms"].items():
+            if "paired_vs_baseline" not in e or a == "base":
+                continue
+            power[a] = {m: power_analysis(e["paired_vs_baseline"][m], results["arms"]["baseline"][m]["mean"],
+                                          pw.relative_reduction, pw.power, pw.alpha)
+                        for m in ("coupling_rate", "coupling_rate_p")}
+    results["power"] = {"relative_reduction": cfg.power.relative_reduction, "power": cfg.power.power,
+                        "alpha": cfg.power.alpha, "test": "paired t, two-sided, pairs = (reference set, seed)",
+                        "arms": power}
+    return results
+
+
+def _calibration_summary(calib: dict) -> dict:
+    """Per DD kind: grad and loss ratios per reference set, and how far the sets' values spread."""
+    out: dict = {}
+    for r, kinds in calib.items():
+        for kind, c in kinds.items():
+            if kind == "key":
+                continue
+            e = out.setdefault(kind, {"per_ref_set": {}})
+            e["per_ref_set"][str(r)] = {k: c[k] for k in ("grad_ratio", "loss_ratio", "lambda_per_unit", "split_half",
+                                                          "samples")}
+    for e in out.values():
+        g = [v["grad_ratio"] for v in e["per_ref_set"].values()]
+        lr = [v["loss_ratio"] for v in e["per_ref_set"].values()]
+        e["grad_ratio_mean"], e["loss_ratio_mean"] = float(np.mean(g)), float(np.mean(lr))
+        e["grad_ratio_max_over_min"] = float(max(g) / min(g))
+        first_two = list(e["per_ref_set"].values())[:2]
+        if len(first_two) == 2:
+            a, b = first_two[0]["grad_ratio"], first_two[1]["grad_ratio"]
+            e["first_two_sets_agree_within_20pct"] = bool(abs(a - b) / max(a, b) <= 0.2)
+    return out
 
 
 def restore_assets(cfg: TestbedConfig, cache: Path) -> None:
     """Copy the committed base model / judge into an empty cache when they were made with this config."""
     import shutil
     for name, sub in (("base_model", cfg.base), (f"judge_v{cfg.judge.version}", cfg.judge)):
-        src, meta = ASSETS / f"{name}.pt", ASSETS / f"{name}.json"
-        if (cache / f"{name}.pt").exists() or not src.exists() or not meta.exists():
+        src, meta = ASSETS / f"{name}.safetensors", ASSETS / f"{name}.json"
+        if (cache / src.name).exists() or not src.exists() or not meta.exists():
             continue
-        if json.loads(meta.read_text()) == to_dict(sub):
+        if json.loads(meta.read_text()).get("config") == to_dict(sub):
             cache.mkdir(parents=True, exist_ok=True)
-            tmp = cache / f"{name}.pt.{os.getpid()}.tmp"  # atomic: parallel processes may restore at once
+            tmp = cache / f"{src.name}.{os.getpid()}.tmp"  # atomic: parallel processes may restore at once
             shutil.copyfile(src, tmp)
-            os.replace(tmp, cache / f"{name}.pt")
+            os.replace(tmp, cache / src.name)
             log.info("using the committed %s (%s): its config matches", name, src)
         else:
             log.info("not using the committed %s: it was made with another config", name)
 
 
-def load_run_images(path: Path, grid: Path) -> torch.Tensor:
-    """A run's generated images (N, 3, H, W) in [-1, 1]: from its .npz, else from its sample grid
-    (runs made before images were stored; the grid holds them exactly, upscaled 3x nearest)."""
-    npz = path.with_suffix(".npz")
-    if npz.exists():
-        arr = np.load(npz)["images"]
-    elif grid.exists():
-        from PIL import Image
+def export_assets(cfg: TestbedConfig, assets: Path = ASSETS) -> list[Path]:
+    """Train (or load) the base model and judge into the cache, then copy them to ``assets`` with their
+    config and the command that rebuilds them (what restore_assets checks)."""
+    import shutil
+    cache = Path(cfg.cache_dir)
+    train_base(cfg.base, cache)
+    _, report = train_judge(cfg.judge, cache)
+    written = []
+    for name, sub, extra in (("base_model", cfg.base, {}), (f"judge_v{cfg.judge.version}", cfg.judge,
+                                                            {"held_out_accuracy": report})):
+        src, dst = cache / f"{name}.safetensors", assets / f"{name}.safetensors"
+        assets.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        write_json({"config": to_dict(sub), "protocol_version": PROTOCOL_VERSION, "rebuild": REBUILD, **extra},
+                   assets / f"{name}.json")
+        written += [dst, assets / f"{name}.json"]
+    return written
 
-        from accord_face.testbed.evaluate import context_prompts, target_prompts
-        from accord_face.testbed.world import SIZE
-        n = 3 * (len(target_prompts(("square", "white"))) + len(context_prompts(("square", "white"))))
-        g = np.asarray(Image.open(grid).convert("RGB"))
-        cw, ch = SIZE * 3, SIZE * 3 + 12
-        arr = np.stack([g[(k // 12) * ch:(k // 12) * ch + cw:3, (k % 12) * cw:(k % 12) * cw + cw:3] for k in range(n)])
-    else:
-        raise FileNotFoundError(f"{path}: no stored images ({npz.name} or {grid}) to re-judge; delete {path} to rerun it")
+
+def load_run_images(path: Path) -> torch.Tensor:
+    """A run's generated images (N, 3, H, W) in [-1, 1] from its .npz."""
+    npz = path.with_suffix(".npz")
+    if not npz.exists():
+        raise FileNotFoundError(f"{path}: no stored images ({npz.name}) to re-judge; delete {path} to rerun it")
+    arr = np.load(npz)["images"]
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def _labels(raw: dict, k: int) -> str:
-    from accord_face.testbed.world import BG_NAMES, SHAPES
-    found = [s[:3] for i, s in enumerate(SHAPES) if raw["present"][k, i]]
+    from accord_face.testbed.world import BG_NAMES, LABELS
+    found = [s[:3] for i, s in enumerate(LABELS) if raw["present"][k, i]]
     return ",".join(found) + "/" + BG_NAMES[int(raw["bg"][k])][:3]

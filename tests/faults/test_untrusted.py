@@ -88,8 +88,8 @@ def test_testbed_base_checkpoint_and_assets_are_loaded_weights_only(tmp_path):
     write_torch_payload(cache / "base_ckpt.pt", marker)     # the resumable training checkpoint
     with pytest.raises(ValueError, match=r"base_ckpt\.pt: refused, not a weights-only file"):
         train_base(BaseModelConfig(steps=2, batch_size=2, checkpoint_every=1), cache)
-    write_torch_payload(cache / "base_model.pt", marker)    # the cached / committed model
-    with pytest.raises(ValueError, match=r"base_model\.pt: refused"):
+    write_torch_payload(cache / "base_model.safetensors", marker)    # the cached / committed model
+    with pytest.raises(ValueError, match=r"base_model\.safetensors: not a safetensors file"):
         train_base(BaseModelConfig(steps=2, batch_size=2), cache)
     assert not marker.exists()
     # what train_base itself writes (optimizer state, numpy PCG64 state with 128-bit ints) loads back
