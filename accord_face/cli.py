@@ -78,10 +78,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .checks import UsageError
 
     keys = {k: v for k, v in vars(args).items() if k not in ("command", "func", "verbose") and v is not None}
+    from .train.errors import disk_error
+
     try:
         summary = run_generate(from_dict(GenerateConfig, keys, source="command line"))
     except (GenerateError, ConfigError, UsageError) as err:
         return _user_error("generate", err)
+    except OSError as err:  # disk full, ulimit -f, unwritable --out: one line; anything else is a bug
+        line = disk_error(err, resumes="the start (images already written are rewritten)", output="--out")
+        if line is None:
+            raise
+        return _user_error("generate", ValueError(line))
     print(f"[generate] {len(summary['images'])} image(s) + grid.png + generate.json -> {args.out}")
     return 0
 
@@ -122,10 +129,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     keys = {k: v for k, v in vars(args).items() if k not in ("command", "func", "compare", "force", "verbose")
             and v is not None}
+    from .train.errors import disk_error
+
     try:
         result = run_evaluate(from_dict(EvaluateConfig, keys, source="command line"))
     except (GenerateError, ConfigError, UsageError) as err:
         return _user_error("evaluate", err)
+    except OSError as err:  # disk full, ulimit -f, unwritable --out: one line; anything else is a bug
+        line = disk_error(err, resumes=f"the images measured so far ({args.out}/samples.jsonl)", output="--out")
+        if line is None:
+            raise
+        return _user_error("evaluate", ValueError(line))
     o = result["overall"]
     print(f"[evaluate] {result['num_samples']} images: identity similarity {o['identity_similarity']:.4g}, "
           f"face not found {o['face_not_found_rate']:.2%}, CLIP-T {o['clip_t']:.4g} -> {args.out}/report.md")

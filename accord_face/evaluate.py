@@ -29,8 +29,9 @@ import torch
 
 from . import metrics
 from .config import field, to_dict
-from .pipeline import (IMAGE_SUFFIXES, FaceIDGenerator, GenerateError, atomic_save_image, atomic_write_text,
-                       check_adapter_files, identity_embedding, load_image_rgb, make_face_analyzer, read_adapter_config)
+from .pipeline import (IMAGE_SUFFIXES, FaceIDGenerator, GenerateError, append_line, atomic_save_image,
+                       atomic_write_text, check_adapter_files, identity_embedding, load_image_rgb, make_face_analyzer,
+                       read_adapter_config)
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     # One batched pipeline call per chunk of (prompt, seed) pairs of one identity at one scale
     # (the adapter scale is global to the pipeline, the identity embedding is shared).
     total = len(identities) * len(prompts) * len(cfg.scales) * len(cfg.seeds)
-    with samples_path.open("a") as log_file, tqdm(total=total, desc="evaluate") as bar:
+    with tqdm(total=total, desc="evaluate") as bar:
         for name in identities:
             if family:
                 gen.family.set_face_crop(family[name]["crop"])
@@ -223,8 +224,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                                "prompt_index": p_idx, "prompt": prompts[p_idx], "scale": scale, "seed": seed,
                                "image": rel, "face_found": sim is not None, "identity_similarity": sim,
                                "clip_t": ct}
-                        log_file.write(json.dumps(rec) + "\n")
-                        log_file.flush()
+                        append_line(samples_path, json.dumps(rec) + "\n")
                         done[rec["key"]] = rec
                         bar.update(1)
 

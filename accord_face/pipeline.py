@@ -359,19 +359,72 @@ def make_grid(images: list, cols: int, labels: Optional[list[str]] = None):
     return grid
 
 
-def atomic_save_image(image, path: Path) -> None:
+def _write_all(f, data: bytes, path: Path) -> None:
+    """The one place generation and evaluation records reach the disk (tests inject ENOSPC / EFBIG here);
+    ``f`` is open on ``path`` or on its temp file."""
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _named(err: OSError, path: Path) -> OSError:
+    """``err`` with ``path`` as its filename (a write's ENOSPC carries none; a temp name says nothing to users)."""
+    return OSError(err.errno, err.strerror or str(err), str(path))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """``path`` holds the old bytes or the new ones, never a part: temp file in the same folder, fsync, rename.
+
+    A failed write (disk full, ``ulimit -f``) removes the temp file and raises OSError naming ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    image.save(tmp)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_all(f, data, path)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise _named(err, path) from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_save_image(image, path: Path) -> None:
+    """A PIL image encoded in memory (format from the suffix), then ``atomic_write_bytes``."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    image.save(buf, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(Path(path), text.encode())
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one record and fsync; a failed append is cut back off, so the file keeps only whole records."""
+    path = Path(path)
+    with open(path, "ab") as f:
+        size = f.tell()
+        try:
+            _write_all(f, line.encode(), path)
+        except OSError as err:
+            try:
+                f.truncate(size)
+            except OSError:
+                pass    # a torn last line is dropped by the reader (evaluate's _load_done)
+            raise _named(err, path) from err
 
 
 ADAPTER_FIX = "re-export it (rerun the training command: it exports from the last complete checkpoint) or copy it again"

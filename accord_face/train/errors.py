@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 from typing import Optional
 
-__all__ = ["user_error", "DISK_ERRNOS"]
+__all__ = ["user_error", "disk_error", "DISK_ERRNOS"]
 
 DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                errno.EFBIG: "the file is larger than allowed (ulimit -f?)", errno.EROFS: "the file system is read-only",
@@ -44,13 +44,21 @@ def user_error(err: BaseException) -> Optional[str]:
 
     if isinstance(err, (ConfigError, CheckpointError)):
         return _one_line(err)
+    return disk_error(err)
+
+
+def disk_error(err: BaseException, resumes: str = "the last complete checkpoint",
+               output: str = "output_dir") -> Optional[str]:
+    """One line for a disk-full / quota / ``ulimit -f`` / permission error (path, cause, fix), else None.
+
+    ``resumes``: what the rerun continues from; ``output``: the flag or key naming the output folder."""
     code = _errno_of(err)
-    if code in DISK_ERRNOS:
-        where = getattr(err, "filename", None)
-        fix = "free space (or raise the limit) and rerun the same command: it resumes from the last complete " \
-              "checkpoint" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else \
-              "pick a folder path whose parents are folders" if code in (errno.ENOTDIR, errno.EISDIR) else \
-              "make the output folder writable or pick another output_dir"
-        return _one_line(f"{where + ': ' if where else ''}{DISK_ERRNOS[code]} ({type(err).__name__}: "
-                         f"{str(err)[:200]}); {fix}")
-    return None
+    if code not in DISK_ERRNOS:
+        return None
+    where = getattr(err, "filename", None)
+    fix = f"free space (or raise the limit) and rerun the same command: it resumes from {resumes}" \
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else \
+        "pick a folder path whose parents are folders" if code in (errno.ENOTDIR, errno.EISDIR) else \
+        f"make the output folder writable or pick another {output}"
+    return _one_line(f"{str(where) + ': ' if where else ''}{DISK_ERRNOS[code]} ({type(err).__name__}: "
+                     f"{str(err)[:200]}); {fix}")
