@@ -109,6 +109,8 @@ class ExperimentConfig:
     port: int = field(29850, help="first rendezvous port of the launcher (one per run)")
     calibration_batches: int = field(16, help="batches averaged for the lambda calibration")
     analyze_only: bool = field(False, help="only aggregate the finished runs (no training)")
+    archive: str = field("docs/encoder_coupling", help="committed copy of every finished run's records "
+                                                       "(restored on start: a new checkout resumes, never retrains)")
 
 
 def data_settings():
@@ -193,8 +195,8 @@ def train_run(cfg: ExperimentConfig, run_dir: Path, shards: Path, overrides: lis
     deepspeed = Path(sys.executable).with_name("deepspeed")
     cmd = [str(deepspeed), "--num_gpus", "1", "--master_port", str(port), str(REPO / "scripts/train_encoder.py"),
            "--config", str(REPO / cfg.config), f"shards={shards}", f"output_dir={run_dir / 'train'}",
-           f"max_steps={cfg.steps}", f"seed={seed}", "checkpoint.every_n_steps=250", "validation.every_n_steps=0",
-           "logging.progress=false", *overrides]
+           f"max_steps={cfg.steps}", f"seed={seed}", "checkpointing.checkpointing_steps=250",
+           "validation.validation_steps=0", "logging.progress=false", *overrides]
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "a") as logf:
         subprocess.run(cmd, check=True, stdout=logf, stderr=subprocess.STDOUT, env=_env(cfg), cwd=REPO)
@@ -221,11 +223,40 @@ def eval_run(cfg: ExperimentConfig, out: Path, run_dir: Path, adapter: Path, arm
     return records
 
 
+ARCHIVED = ("run.json", "records.jsonl", "train/metrics.jsonl")
+
+
+def sync_archive(out: Path, archive: Path, restore: bool) -> int:
+    """Copy the small per-run files between the working folder and the committed archive.
+
+    restore=True: archive -> out, files the working folder lacks; False: out -> archive (finished runs
+    only: a run's files are archived once its records.jsonl exists). Returns the number of files copied."""
+    import shutil
+
+    if restore:
+        pairs = [(f, out / f.relative_to(archive)) for f in sorted(archive.rglob("*")) if f.is_file()]
+        pairs = [(a, b) for a, b in pairs if not b.exists()]
+    else:
+        files = [out / "calibration.json", out / "base" / "records.jsonl"]
+        for rec in sorted(out.glob("runs/*/seed*/records.jsonl")):
+            files += [rec.parent / name for name in ARCHIVED]
+        pairs = [(f, archive / f.relative_to(out)) for f in files if f.is_file()]
+    for a, b in pairs:
+        b.parent.mkdir(parents=True, exist_ok=True)
+        tmp = b.with_name(f".{b.name}.tmp")
+        shutil.copyfile(a, tmp)
+        tmp.replace(b)
+    return len(pairs)
+
+
 def run_experiment(cfg: ExperimentConfig) -> dict:
     from .analysis import analyze
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    archive = REPO / cfg.archive if cfg.archive else None
+    if archive and archive.is_dir():
+        log.info("restored %d files of finished runs from %s", sync_archive(out, archive, restore=True), archive)
     unknown = [a for a in cfg.arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; choose from {sorted(ARMS)}")
@@ -253,11 +284,15 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                                                   "data": dataclasses.asdict(data_settings()[arm.data]),
                                                   "steps": cfg.steps})
                 log.info("run %s seed %d: %s", name, seed, " ".join(overrides))
+                if (run_dir / "records.jsonl").is_file():
+                    continue                                    # finished (here or restored from the archive)
                 adapter = train_run(cfg, run_dir, shards, overrides, seed, port)
                 port += 1
-                eval_run(cfg, out, run_dir, adapter, {f"s{s:g}": s for s in SCALES})
                 if not (out / "base" / "records.jsonl").is_file():   # scale 0 = the base model, same noise
                     eval_run(cfg, out, out / "base", adapter, {"base": 0.0})
+                eval_run(cfg, out, run_dir, adapter, {f"s{s:g}": s for s in SCALES})
+                if archive:
+                    sync_archive(out, archive, restore=False)
     results = analyze(out, calib)
     write_json(out / "results.json", results)
     return results
