@@ -195,8 +195,8 @@ def train_run(cfg: ExperimentConfig, run_dir: Path, shards: Path, overrides: lis
     deepspeed = Path(sys.executable).with_name("deepspeed")
     cmd = [str(deepspeed), "--num_gpus", "1", "--master_port", str(port), str(REPO / "scripts/train_encoder.py"),
            "--config", str(REPO / cfg.config), f"shards={shards}", f"output_dir={run_dir / 'train'}",
-           f"max_steps={cfg.steps}", f"seed={seed}", "checkpointing.checkpointing_steps=250",
-           "validation.validation_steps=0", "logging.progress=false", *overrides]
+           f"max_steps={cfg.steps}", f"seed={seed}", "checkpoint.every_n_steps=250",
+           "validation.every_n_steps=0", "logging.progress=false", *overrides]
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "a") as logf:
         subprocess.run(cmd, check=True, stdout=logf, stderr=subprocess.STDOUT, env=_env(cfg), cwd=REPO)
