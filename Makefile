@@ -75,5 +75,14 @@ testbed: $(STAMP)
 	s1=$$?; wait $$!; s0=$$?; test $$s0 = 0 -a $$s1 = 0 || { tail -n 20 testbed_out/setsA.log testbed_out/setsB.log; exit 1; }
 	$(PY) scripts/run_testbed.py --config configs/testbed.yaml $(TESTBED_ARGS)
 
+# The encoder coupling experiment (README "Does ACCORD help the encoder?"): the main job trained per arm
+# and seed on the identity world, evaluated on 50 held-out people; results in testbed_out/encoder/.
+# Finished runs are reused (and restored from docs/encoder_coupling in a fresh checkout).
+# ENCODER_ARGS: e.g. arms=[baseline,dd_r0.3] seeds=[0,1,2]; analyze_only=true to aggregate only.
+ENCODER_ARGS ?= arms=[baseline,dd_r0.3,control_other_photo,control_rho0] seeds=[0,1,2]
+.PHONY: testbed-encoder
+testbed-encoder: $(STAMP)
+	$(PY) scripts/run_encoder_experiment.py $(ENCODER_ARGS)
+
 clean:
 	rm -rf outputs .pytest_cache
