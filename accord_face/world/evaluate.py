@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,15 +55,10 @@ def other_context(a: Context, rng: np.random.Generator) -> Context:
 
 
 def mean_ci(values) -> dict:
-    """{mean, ci95, n, per_run}: Student-t 95 % interval over the values."""
-    from scipy import stats
+    """{mean, ci95, n, per_run}: Student-t 95 % interval over the values (``accord_face.stats.t_interval``)."""
+    from ..stats import t_interval
 
-    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], np.float64)
-    if len(v) < 2:
-        return {"mean": float(v.mean()) if len(v) else None, "ci95": None, "n": int(len(v)), "per_run": v.tolist()}
-    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return {"mean": float(v.mean()), "ci95": [float(v.mean() - half), float(v.mean() + half)], "n": int(len(v)),
-            "per_run": [round(float(x), 5) for x in v]}
+    return t_interval(values)
 
 
 class WorldScorer:
