@@ -5,7 +5,8 @@ the rendezvous port, stop signals, the resume-config check and crash-safe JSON l
   the same folder stops at once with one line (two runs used to interleave their metric rows).
 - ``watch_launcher``: a daemon thread that ends a rank when the launcher that started it dies
   (SIGKILL of ``torchrun``/``deepspeed`` used to leave the ranks training to the end).
-- ``free_port``: a lone process picks a free rendezvous port instead of 29500.
+- ``free_port`` / ``port_in_use_line``: a free port to suggest when a launcher's rendezvous port is taken
+  (a lone process needs none: ``loop._init_distributed`` gives it an in-process store).
 - ``StopFlag``: SIGTERM/SIGINT ask the loop to checkpoint and leave at the next step boundary.
 - ``config_changes``: the keys that differ between the stored run config and the new one.
 - ``json_line`` / ``truncate_jsonl``: no bare NaN in JSON lines; replayed steps replace their rows.
@@ -28,8 +29,8 @@ from ..config import ConfigError
 
 log = logging.getLogger("accord_face.train")
 
-__all__ = ["OutputLock", "watch_launcher", "free_port", "StopFlag", "config_changes", "RESUMABLE_CHANGES",
-           "json_line", "truncate_jsonl", "atomic_write_text"]
+__all__ = ["OutputLock", "watch_launcher", "free_port", "port_in_use_line", "StopFlag", "config_changes",
+           "RESUMABLE_CHANGES", "json_line", "truncate_jsonl", "atomic_write_text"]
 
 
 # ---------------------------------------------------------------- output folder
@@ -135,6 +136,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_in_use_line(addr: str, port: str | int) -> str:
+    """The one line for a launcher whose rendezvous port is taken (another run on this machine)."""
+    return (f"rendezvous port {addr}:{port} is in use (another run on this machine?): start the launcher with "
+            f"another port, e.g. --master_port {free_port()} (deepspeed / torchrun), or set MASTER_PORT")
 
 
 # ---------------------------------------------------------------- signals

@@ -43,26 +43,32 @@ __all__ = ["train", "deepspeed_config", "DataStream"]
 
 
 def _init_distributed(backend: str) -> None:
+    """The process group: the launcher's rendezvous (env://), or for a lone process an in-process store.
+
+    A single process without a launcher needs no port at all (``HashStore``), so two such runs on one
+    machine never collide (and a MASTER_PORT left in the environment does not matter). Under a launcher,
+    a rendezvous port already in use is one line naming the port and ``--master_port``.
+    """
     import deepspeed
 
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-        # A single process without a launcher (else DeepSpeed tries MPI): a free port, so that two
-        # such runs on one machine do not collide on 29500.
-        os.environ.setdefault("MASTER_PORT", str(guard.free_port()))
+    lone = "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29500"}.items():
         os.environ.setdefault(key, value)
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if lone and not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if not dist.is_initialized():
         try:
             deepspeed.init_distributed(dist_backend=backend)
         except (RuntimeError, OSError) as err:
             if "EADDRINUSE" in str(err) or "address already in use" in str(err).lower():
-                raise ConfigError(f"rendezvous port {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} is in "
-                                  "use by another run: pass the launcher another --master_port (or set "
-                                  "MASTER_PORT)") from None
+                raise ConfigError(guard.port_in_use_line(os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])) \
+                    from None
             raise
+    else:
+        deepspeed.init_distributed(dist_backend=backend)   # DeepSpeed's communication backend over this group
 
 
 def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
