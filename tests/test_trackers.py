@@ -1,0 +1,80 @@
+"""The encoder trainer's report_to: TensorBoard events read back, a wandb run continued across a resume (wandb is
+not installed here: a stand-in module records the calls the real one would get), and one line without wandb."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import pytest
+
+from accord_face.config import ConfigError
+from accord_face.train.trackers import WANDB_MISSING, Trackers
+
+
+def test_tensorboard_events_read_back_and_a_resume_purges_replayed_steps(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    t = Trackers("tensorboard", tmp_path)
+    for step in (1, 2, 3):
+        t.log({"loss": 1.0 / step, "note": "text is not a scalar"}, step)
+    t.close()
+    resumed = Trackers("tensorboard", tmp_path, step=1)      # killed after 3, resumed from the step-1 checkpoint
+    resumed.log({"loss": 0.25}, 2)
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path / "logs"))
+    acc.Reload()
+    assert acc.Tags()["scalars"] == ["train/loss"]
+    assert [(e.step, round(e.value, 4)) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 0.25)]
+
+
+class FakeRun:
+    def __init__(self, calls, kwargs):
+        self.calls, self.kwargs = calls, kwargs
+
+    def log(self, data, step):
+        self.calls.append(("log", data, step))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    calls = []
+    module = types.ModuleType("wandb")
+    module.init = lambda **kw: calls.append(("init", kw)) or FakeRun(calls, kw)
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    return calls
+
+
+def test_wandb_run_gets_the_scalars_and_a_resume_continues_the_same_run(tmp_path, fake_wandb):
+    t = Trackers("wandb", tmp_path / "run", config={"seed": 3})
+    t.log({"loss": 0.5, "dd": 1}, 1)
+    t.close()
+    Trackers("wandb", tmp_path / "run", step=1).close()
+    inits = [c[1] for c in fake_wandb if c[0] == "init"]
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and inits[0]["resume"] == "allow"
+    assert inits[0]["dir"] == str(tmp_path / "run" / "logs") and inits[0]["config"] == {"seed": 3}
+    assert ("log", {"train/loss": 0.5, "train/dd": 1.0}, 1) in fake_wandb
+    assert fake_wandb.count(("finish",)) == 2
+    assert not list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))   # wandb only, no TensorBoard
+
+
+def test_wandb_missing_is_one_line_naming_the_fix(monkeypatch, tmp_path):
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError) as info:
+        Trackers("wandb", tmp_path)
+    assert str(info.value) == WANDB_MISSING and "pip install wandb" in WANDB_MISSING
+    assert not (tmp_path / "logs").exists()
+    with pytest.raises(ConfigError, match=r"one of tensorboard \| wandb \| none"):
+        Trackers("mlflow", tmp_path)
+
+
+def test_none_writes_nothing(tmp_path):
+    t = Trackers("none", tmp_path)
+    t.log({"loss": 1.0}, 1)
+    t.close()
+    assert not (tmp_path / "logs").exists()
