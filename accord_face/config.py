@@ -23,7 +23,7 @@ import yaml
 T = TypeVar("T")
 
 __all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "apply_overrides", "parse_overrides",
-           "save_config", "describe", "field"]
+           "save_config", "describe", "field", "Renamed", "upgrade_keys"]
 
 
 class ConfigError(ValueError):
@@ -38,6 +38,100 @@ def field(default: Any = dataclasses.MISSING, *, help: str = "", default_factory
     else:
         kwargs["default"] = default
     return dataclasses.field(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Renamed:
+    """An old config key still read for one release: dotted ``old`` -> dotted ``new``.
+
+    ``new`` may name several keys (one old value split in two, e.g. ``optim.betas`` ->
+    ``optimizer.adam_beta1``, ``optimizer.adam_beta2``); ``convert`` maps the old value to the new
+    one (a tuple of values for several keys) and leaves values it does not know unchanged, so that
+    the type check names the new key.
+    """
+
+    old: str
+    new: Union[str, tuple]
+    convert: Any = None
+
+    @property
+    def targets(self) -> tuple:
+        return (self.new,) if isinstance(self.new, str) else tuple(self.new)
+
+
+def _pop_path(data: dict, dotted: str) -> tuple[bool, Any]:
+    """Remove ``a.b.c`` from nested ``data`` (and parents left empty); (found, value)."""
+    parts = dotted.split(".")
+    trail, node = [], data
+    for part in parts[:-1]:
+        child = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(child, dict):
+            return False, None
+        trail.append((node, part))
+        node = child
+    if not isinstance(node, dict) or parts[-1] not in node:
+        return False, None
+    value = node.pop(parts[-1])
+    for parent, part in reversed(trail):
+        if parent[part] == {}:
+            del parent[part]
+    return True, value
+
+
+def _has_path(data: dict, dotted: str) -> bool:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def upgrade_keys(data: dict, renames, source: str | None, warn: bool = True) -> dict:
+    """Move every old key in ``data`` to its new name (a copy; one ``logging.warning`` per old key).
+
+    Raises ConfigError when a key is given under both names (which one was meant is unclear).
+    """
+    import copy
+    import logging
+
+    data = copy.deepcopy(data)
+    for r in renames:
+        found, value = _pop_path(data, r.old)
+        if not found:
+            continue
+        targets = r.targets
+        both = [t for t in targets if _has_path(data, t)]
+        if both:
+            raise ConfigError(f"{_where(r.old, source)} is the old name of '{both[0]}', which is given too; "
+                              f"keep only '{both[0]}'")
+        new_value = r.convert(value) if r.convert else value
+        values = new_value if len(targets) > 1 else (new_value,)
+        if len(targets) > 1 and (not isinstance(values, (list, tuple)) or len(values) != len(targets)):
+            raise ConfigError(f"{_where(r.old, source)}: expected {len(targets)} items, got {value!r}; "
+                              f"write {', '.join(targets)} instead")
+        for target, v in zip(targets, values):
+            _set_path(data, target, v)
+        if warn:
+            logging.getLogger("accord_face.config").warning(
+                "%s: '%s' is deprecated, use '%s' (the old name is read for one more release)",
+                source or "config", r.old, "', '".join(targets))
+    return data
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _where(key: str, source: str | None) -> str:
@@ -130,7 +224,7 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str | None = None, pre
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            raise ConfigError(_unknown(full, key, fields, source))
+            raise ConfigError(_unknown(full, key, fields, source, cls))
         kwargs[key] = _coerce(value, hints[key], full, source)
     missing = [n for n, f in fields.items() if n not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -154,12 +248,28 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str | None = None, pre
     return obj
 
 
-def _unknown(full: str, key: str, names, source: str | None) -> str:
-    """One line: the unknown key, the closest valid one (difflib), where it came from."""
+def _unknown(full: str, key: str, names, source: str | None, cls: type | None = None) -> str:
+    """One line: the unknown key, the closest valid one (difflib), where it came from.
+
+    With ``cls``, the keys of its sections count too: ``learning_rate`` at the top level suggests
+    ``optimizer.learning_rate``.
+    """
     import difflib
 
-    close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
     parent = full[: -len(str(key))]
+    nested: dict[str, str] = {}
+    if cls is not None:
+        hints = typing.get_type_hints(cls)
+        sections = [(f.name, hints[f.name]) for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])]
+        # the sections both trainers share (accord_face.sections) first: 'learning_rate' -> optimizer.learning_rate
+        sections.sort(key=lambda s: not any(c.__module__ == "accord_face.sections" for c in s[1].__mro__))
+        for name, sub in sections:
+            for g in dataclasses.fields(sub):
+                nested.setdefault(g.name, f"{name}.{g.name}")
+    close = [nested[key]] if key in nested else difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
+    if not close and nested:
+        inner = difflib.get_close_matches(str(key), sorted(nested), n=1, cutoff=0.75)
+        close = [nested[inner[0]]] if inner else []
     hint = f"did you mean '{parent}{close[0]}'?" if close else f"valid keys here: {', '.join(sorted(names))}"
     return f"unknown key {_where(full, source)}; {hint}"
 
@@ -210,11 +320,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                defaults: dict[str, Any] | None = None) -> T:
+                defaults: dict[str, Any] | None = None, warn_renamed: bool = True) -> T:
     """Read YAML ``path`` (optional), apply ``key.sub=value`` overrides, build ``cls``.
 
+    Old key names listed in ``cls.RENAMED`` (``Renamed`` entries) are moved to their new names, with
+    one deprecation line each naming the file (or "command line"); ``warn_renamed=False`` reads them
+    silently (a stored run config written by an older release).
     Errors name the key and ``path`` (or "command line" for an override).
     """
+    renames = getattr(cls, "RENAMED", ())
     data: dict[str, Any] = dict(defaults or {})
     source = None
     if path is not None:
@@ -228,12 +342,18 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(_yaml_error(path, err)) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
-        data.update(loaded)
+        data.update(upgrade_keys(loaded, renames, source, warn_renamed) if renames else loaded)
     if overrides:
         # Check override keys against the schema on their own so that the error
         # blames the command line, not the file.
-        from_dict_keys_only(cls, apply_overrides({}, overrides), "command line")
-        data = apply_overrides(data, overrides)
+        given = apply_overrides({}, overrides)
+        if renames:
+            given = upgrade_keys(given, renames, "command line", warn_renamed)
+            from_dict_keys_only(cls, given, "command line")
+            data = _deep_merge(data, given)
+        else:
+            from_dict_keys_only(cls, given, "command line")
+            data = apply_overrides(data, overrides)
     return from_dict(cls, data, source=source + " (with command-line overrides)" if source and overrides else source)
 
 
@@ -254,7 +374,7 @@ def from_dict_keys_only(cls: type, data: dict[str, Any], source: str, prefix: st
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            raise ConfigError(_unknown(full, key, names, source))
+            raise ConfigError(_unknown(full, key, names, source, cls))
         tp = hints[key]
         sub = next((a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)), None)
         if sub is not None and isinstance(value, dict):

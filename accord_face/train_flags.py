@@ -5,9 +5,10 @@ Both trainers accept the flag names of diffusers' example scripts (``train_dream
     --output_dir X  --max_train_steps N  --learning_rate 1e-4  --train_batch_size 4  --seed 0
     --pretrained_model_name_or_path ID  --resolution 512  --checkpointing_steps 500
     --checkpoints_total_limit 2  --resume_from_checkpoint latest  --mixed_precision no|fp16|bf16
-    --rank 4 (LoRA)  --with_prior_preservation (LoRA)  --validation_prompt TEXT
+    --report_to tensorboard|wandb|none  --validation_prompt TEXT  --rank 4 (LoRA)  --with_prior_preservation (LoRA)
 
-each mapped to the trainer's own key (``ENCODER_FLAGS`` / ``LORA_FLAGS``); any other
+each mapped to the same config key in both trainers (``SHARED_FLAGS``, the sections of
+``accord_face.sections``; plus ``ENCODER_FLAGS`` / ``LORA_FLAGS`` for each trainer's own); any other
 ``--some.key value`` or ``--some_key=value`` becomes the override ``some.key=value``, so
 every config key is a flag too. Unknown keys fail in the config layer with "did you mean".
 """
@@ -17,52 +18,42 @@ from __future__ import annotations
 import json
 from typing import Callable, Union
 
-__all__ = ["ENCODER_FLAGS", "LORA_FLAGS", "flags_to_overrides", "split_argv", "resolve_config_path", "config_dirs"]
+__all__ = ["SHARED_FLAGS", "ENCODER_FLAGS", "LORA_FLAGS", "flags_to_overrides", "split_argv", "resolve_config_path",
+           "config_dirs"]
 
 Mapping = Union[str, Callable[[str], list[str]]]   # key, or value -> overrides
 
 
-def _precision(key: str, names: dict[str, str]) -> Callable[[str], list[str]]:
-    def convert(value: str) -> list[str]:
-        if value not in names:
-            raise ValueError(f"--mixed_precision {value}: use one of {', '.join(names)}")
-        return [f"{key}={names[value]}"]
-    return convert
+def _listed(key: str) -> Callable[[str], list[str]]:
+    return lambda value: [f"{key}={json.dumps([value])}"]
 
 
-def _resume(value: str) -> list[str]:
-    return ["resume=auto" if value == "latest" else f"resume={value}"]
-
-
-ENCODER_FLAGS: dict[str, Mapping] = {
+# diffusers' example flags, the same keys in both trainers (accord_face.sections): --X sets <section>.X.
+SHARED_FLAGS: dict[str, Mapping] = {
     "pretrained_model_name_or_path": "pretrained_model",
-    "train_batch_size": "data.micro_batch_size",
+    "train_batch_size": "train_batch_size",
     "max_train_steps": "max_steps",
-    "learning_rate": "optim.lr",
-    "gradient_accumulation_steps": "optim.gradient_accumulation_steps",
-    "max_grad_norm": "optim.grad_clip",
-    "lr_warmup_steps": "optim.warmup_steps",
-    "checkpointing_steps": "checkpoint.every_n_steps",
-    "checkpoints_total_limit": "checkpoint.keep_last",
-    "resume_from_checkpoint": _resume,
-    "mixed_precision": _precision("deepspeed.precision", {"no": "fp32", "fp16": "fp16", "bf16": "bf16",
-                                                         "auto": "auto"}),
-    "validation_steps": "validation.every_n_steps",
-    "validation_prompt": lambda v: [f"validation.prompts={json.dumps([v])}"],
-    "dataloader_num_workers": "data.num_workers",
+    **{name: f"optimizer.{name}" for name in ("learning_rate", "adam_weight_decay", "adam_beta1", "adam_beta2",
+                                              "adam_epsilon", "lr_warmup_steps", "max_grad_norm",
+                                              "gradient_accumulation_steps")},
+    **{name: f"checkpointing.{name}" for name in ("checkpointing_steps", "checkpoints_total_limit",
+                                                  "resume_from_checkpoint")},
+    "mixed_precision": "precision.mixed_precision",
+    "logging_steps": "logging.logging_steps",
+    "report_to": "logging.report_to",
+    "validation_steps": "validation.validation_steps",
+    "validation_prompt": _listed("validation.validation_prompts"),
+    "num_inference_steps": "validation.num_inference_steps",
     "export_format": "export_format",
-    "report_to": lambda v: _encoder_report_to(v),
 }
 
-
-def _encoder_report_to(value: str) -> list[str]:
-    if value not in ("tensorboard", "none"):
-        raise ValueError(f"--report_to {value}: the encoder trainer writes tensorboard or none "
-                         "(OUTPUT/metrics.jsonl always)")
-    return [f"logging.tensorboard={'true' if value == 'tensorboard' else 'false'}"]
+ENCODER_FLAGS: dict[str, Mapping] = {
+    **SHARED_FLAGS,
+    "dataloader_num_workers": "data.num_workers",
+}
 
 LORA_FLAGS: dict[str, Mapping] = {
-    "pretrained_model_name_or_path": "pretrained_model",
+    **SHARED_FLAGS,
     "instance_data_dir": "data.reference_dir",
     "instance_prompt": "data.instance_prompt",
     "class_prompt": "prior.class_prompt",
@@ -71,17 +62,9 @@ LORA_FLAGS: dict[str, Mapping] = {
     "prior_loss_weight": "prior.loss_weight",
     "with_prior_preservation": "prior.enabled",
     "train_text_encoder": "lora.train_text_encoder",
-    "train_batch_size": "batch_size",
-    "max_train_steps": "max_steps",
-    "gradient_accumulation_steps": "gradient_accumulation",
-    "checkpointing_steps": "checkpoint_every",
-    "checkpoints_total_limit": "keep_checkpoints",
-    "resume_from_checkpoint": lambda v: ["resume=false" if v in ("none", "no") else "resume=true"],
-    "mixed_precision": _precision("mixed_precision", {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}),
     "rank": "lora.rank",
     "lora_alpha": "lora.alpha",
-    "validation_prompt": lambda v: [f"validation.prompts={json.dumps([v])}"],
-    "validation_steps": "validation.every",
+    "num_validation_images": "validation.num_validation_images",
     "center_crop": "data.center_crop",
     "random_flip": "data.random_flip",
 }

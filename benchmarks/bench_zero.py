@@ -77,10 +77,10 @@ def run_trainer(out: Path, shards: Path, stage: int, ranks: int, steps: int, pre
     launcher = [sys.executable] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", port]
     overrides = [f"pretrained_model={pretrained}", f"shards={shards}", f"output_dir={out}", f"max_steps={steps}",
-                 "data.micro_batch_size=2", f"optim.gradient_accumulation_steps={2 // ranks}",
-                 "data.shuffle_buffer=0", "checkpoint.every_n_steps=0", "checkpoint.keep_last=1",
-                 "validation.enabled=false", "logging.progress=false", "logging.tensorboard=false",
-                 "optim.lr=0.001", f"deepspeed.config={cfg_json}"]
+                 "train_batch_size=2", f"optimizer.gradient_accumulation_steps={2 // ranks}",
+                 "data.shuffle_buffer=0", "checkpointing.checkpointing_steps=0", "checkpointing.checkpoints_total_limit=1",
+                 "validation.enabled=false", "logging.progress=false", "logging.report_to=none",
+                 "optimizer.learning_rate=0.001", f"deepspeed.config={cfg_json}"]
     proc = subprocess.run(launcher + script + overrides, env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     if proc.returncode != 0:

@@ -58,9 +58,9 @@ def trainer_loop(plan: GpuPlan, shards: Path, out: Path) -> dict:
     """samples/s of the real trainer (median over steps after the first 3, or all in a dry run)."""
     overrides = [f"pretrained_model=embedded:{plan.size}", f"shards={shards}", f"output_dir={out}",
                  f"max_steps={plan.loop_steps}", f"resolution={plan.resolution}",
-                 f"data.micro_batch_size={plan.batch}", f"data.num_workers={plan.loop_workers}",
-                 "data.shuffle_buffer=0", "data.resampled=true", "checkpoint.every_n_steps=0", "checkpoint.keep_last=1",
-                 "validation.enabled=false", "logging.progress=false", "logging.tensorboard=false",
+                 f"train_batch_size={plan.batch}", f"data.num_workers={plan.loop_workers}",
+                 "data.shuffle_buffer=0", "data.resampled=true", "checkpointing.checkpointing_steps=0", "checkpointing.checkpoints_total_limit=1",
+                 "validation.enabled=false", "logging.progress=false", "logging.report_to=none",
                  "losses.dd_batch_fraction=0.25", "losses.dd_every_n_steps=4"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if plan.device == "cpu":

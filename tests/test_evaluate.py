@@ -188,8 +188,8 @@ def test_trained_adapter_generates_and_evaluates_on_held_out_shards(tiny_pipelin
     proc = subprocess.run(
         [sys.executable, str(root / "scripts" / "train_encoder.py"), "--config", str(root / "configs" / "tiny.yaml"),
          f"pretrained_model={tiny_pipeline_dir}", f"shards={shards}", f"output_dir={tmp_path / 'train'}",
-         "max_steps=2", "data.micro_batch_size=2", "data.shuffle_buffer=0", "checkpoint.every_n_steps=0",
-         "checkpoint.keep_last=0", "validation.enabled=false", "logging.progress=false"],  # 0: save at the end only
+         "max_steps=2", "train_batch_size=2", "data.shuffle_buffer=0", "checkpointing.checkpointing_steps=0",
+         "checkpointing.checkpoints_total_limit=0", "validation.enabled=false", "logging.progress=false"],  # 0: save at the end only
         env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     adapter = tmp_path / "train" / "adapter"

@@ -276,8 +276,8 @@ def test_lora_trainer_writes_the_kohya_file_and_says_where_it_loads(tiny_pipelin
     lines = []
     cfg = load_config(LoraTrainConfig, None, [
         f"pretrained_model={tiny_pipeline_dir}", f"output_dir={tmp_path}", "max_steps=1", "data.synthetic=subject",
-        "data.synthetic_count=2", "validation.inference_steps=1", "validation.images_per_prompt=1",
-        "validation.prompts=['sks']", "accord.lambda_dd=0", "export_format=kohya", "lora.alpha=8"])
+        "data.synthetic_count=2", "validation.num_inference_steps=1", "validation.num_validation_images=1",
+        "validation.validation_prompts=['sks']", "accord.lambda_dd=0", "export_format=kohya", "lora.alpha=8"])
     train_lora(cfg, log=lines.append)
     kohya = tmp_path / "lora" / KOHYA_NAME
     assert kohya.is_file() and any(str(kohya) in line and "kohya" in line for line in lines)

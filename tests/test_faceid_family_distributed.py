@@ -47,12 +47,12 @@ def _run(out: Path, args: list[str], ranks: int) -> subprocess.CompletedProcess:
 def runs(tiny_pipeline_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("family-ds")
     shards = write_shards(base / "shards", n_shards=4, per_shard=2)
-    common = [f"pretrained_model={tiny_pipeline_dir}", f"shards={shards}", "max_steps=3", "data.micro_batch_size=2",
-              "data.shuffle_buffer=0", "validation.enabled=false", "optim.lr=0.001", "logging.progress=false",
+    common = [f"pretrained_model={tiny_pipeline_dir}", f"shards={shards}", "max_steps=3", "train_batch_size=2",
+              "data.shuffle_buffer=0", "validation.enabled=false", "optimizer.learning_rate=0.001", "logging.progress=false",
               "lora.rank=4", "losses.lambda_dd=0.3", "losses.lambda_pd=0.01",
               "deepspeed.config=configs/deepspeed/zero2.json"]
-    pair = _run(base / "pair", common + ["optim.gradient_accumulation_steps=1"], ranks=2)
-    single = _run(base / "single", common + ["optim.gradient_accumulation_steps=2"], ranks=1)
+    pair = _run(base / "pair", common + ["optimizer.gradient_accumulation_steps=1"], ranks=2)
+    single = _run(base / "single", common + ["optimizer.gradient_accumulation_steps=2"], ranks=1)
     return base, pair, single
 
 

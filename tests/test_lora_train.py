@@ -18,9 +18,10 @@ from accord_face.lora.sampling import ensure_class_images
 from accord_face.lora.train import train_lora
 
 CONFIG = Path(__file__).parents[1] / "configs" / "lora_tiny.yaml"
-FAST = ["validation.inference_steps=1", "validation.images_per_prompt=1", "validation.prompts=['sks backpack']",
-        "log_every=100", "checkpoint_every=2", "data.synthetic_count=3"]
-TRAINED = ["lora.rank=4", "lora.alpha=16", "learning_rate=0.01", "textual_inversion.enabled=true",
+FAST = ["validation.num_inference_steps=1", "validation.num_validation_images=1",
+        "validation.validation_prompts=['sks backpack']",
+        "logging.logging_steps=100", "checkpointing.checkpointing_steps=2", "data.synthetic_count=3"]
+TRAINED = ["lora.rank=4", "lora.alpha=16", "optimizer.learning_rate=0.01", "textual_inversion.enabled=true",
            "textual_inversion.learning_rate=0.1", "prior.enabled=true", "prior.num_images=2", "prior.inference_steps=1"]
 
 
@@ -96,11 +97,11 @@ def test_two_processes_under_accelerate_launch_equal_one_process_with_twice_the_
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(port), str(Path(__file__).parents[1] / "scripts" / "train_lora.py"), "--config", str(CONFIG),
-           f"output_dir={tmp_path / 'two'}", "batch_size=1", *overrides]
+           f"output_dir={tmp_path / 'two'}", "train_batch_size=1", *overrides]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 process(es)" in run.stdout + run.stderr
-    one = train_lora(config(tiny_pipeline_dir, tmp_path / "one", "batch_size=2", "max_steps=1", *TRAINED[:5]),
+    one = train_lora(config(tiny_pipeline_dir, tmp_path / "one", "train_batch_size=2", "max_steps=1", *TRAINED[:5]),
                      log=lambda *a: None)
     a = load_file(str(tmp_path / "two" / "checkpoints" / "step-00000001" / "trainable.safetensors"))
     b = trainable_state(one["models"])

@@ -57,6 +57,6 @@ def test_fresh_processes_print_no_noise_and_verbose_shows_it(adapter_and_photo, 
                 "a person", "--steps", "1", "--out", str(tmp_path / "g"), "--verbose"], ROOT)
     assert "image_encoder is not loaded" in out and "Loading pipeline components" in out
     out = _run(["scripts/train_lora.py", "--config", "lora_tiny", "--output_dir", str(tmp_path / "l"),
-                "--max_train_steps", "1", "data.synthetic_count=2", "validation.inference_steps=1",
-                "validation.images_per_prompt=1"], ROOT)
+                "--max_train_steps", "1", "data.synthetic_count=2", "validation.num_inference_steps=1",
+                "validation.num_validation_images=1"], ROOT)
     assert [n for n in NOISE if n in out] == [], out

@@ -61,8 +61,8 @@ def test_frozen_reference_refused_under_zero3(shards):
 def test_deepspeed_config_is_filled_from_train_config():
     import torch
 
-    cfg = load_config(TrainConfig, ROOT / "configs" / "tiny.yaml", ["optim.gradient_accumulation_steps=3",
-                                                                  "data.micro_batch_size=5", "optim.warmup_steps=7"])
+    cfg = load_config(TrainConfig, ROOT / "configs" / "tiny.yaml", ["optimizer.gradient_accumulation_steps=3",
+                                                                  "train_batch_size=5", "optimizer.lr_warmup_steps=7"])
     for stage in (1, 2, 3):
         cfg.deepspeed.config = str(ROOT / "configs" / "deepspeed" / f"zero{stage}.json")
         ds = deepspeed_config(cfg, torch.float32)
@@ -84,6 +84,7 @@ def test_script_reports_config_error_before_training(shards, tmp_path):
 
 
 def test_logging_interval_must_be_positive():
-    with pytest.raises(ConfigError, match="logging.every_n_steps"):
-        load_config(TrainConfig, ROOT / "configs" / "tiny.yaml", ["logging.every_n_steps=0"])
-    assert load_config(TrainConfig, ROOT / "configs" / "tiny.yaml", ["checkpoint.every_n_steps=0"]).checkpoint.every_n_steps == 0
+    with pytest.raises(ConfigError, match="logging_steps must be >= 1"):
+        load_config(TrainConfig, ROOT / "configs" / "tiny.yaml", ["logging.logging_steps=0"])
+    cfg = load_config(TrainConfig, ROOT / "configs" / "tiny.yaml", ["checkpointing.checkpointing_steps=0"])
+    assert cfg.checkpointing.checkpointing_steps == 0

@@ -54,13 +54,13 @@ def _metrics(out: Path) -> dict[int, dict]:
 def runs(tiny_pipeline_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("train")
     shards = write_shards(base / "shards", n_shards=4, per_shard=2)
-    common = [f"pretrained_model={tiny_pipeline_dir}", f"shards={shards}", "max_steps=4", "data.micro_batch_size=2",
-              "data.shuffle_buffer=0", "checkpoint.every_n_steps=2", "checkpoint.keep_last=0",
-              "validation.enabled=false", "optim.lr=0.001", "debug.log_sample_keys=true", "logging.progress=false"]
-    single = ["optim.gradient_accumulation_steps=2", "deepspeed.config=configs/deepspeed/zero2.json"]
+    common = [f"pretrained_model={tiny_pipeline_dir}", f"shards={shards}", "max_steps=4", "train_batch_size=2",
+              "data.shuffle_buffer=0", "checkpointing.checkpointing_steps=2", "checkpointing.checkpoints_total_limit=0",
+              "validation.enabled=false", "optimizer.learning_rate=0.001", "debug.log_sample_keys=true", "logging.progress=false"]
+    single = ["optimizer.gradient_accumulation_steps=2", "deepspeed.config=configs/deepspeed/zero2.json"]
     results = {}
     results["single"] = _run(base / "single", common, single)
-    results["pair"] = _run(base / "pair", common, ["optim.gradient_accumulation_steps=1",
+    results["pair"] = _run(base / "pair", common, ["optimizer.gradient_accumulation_steps=1",
                                                    "deepspeed.config=configs/deepspeed/zero2.json"], ranks=2)
     results["crash"] = _run(base / "crash", common, single + ["debug.kill_after_step=3"])
     half = base / "crash" / "checkpoints" / "step-00000003"

@@ -9,35 +9,57 @@ from accord_face.train_flags import (ENCODER_FLAGS, LORA_FLAGS, flags_to_overrid
                                      split_argv)
 
 
+SHARED = ["--train_batch_size", "3", "--learning_rate", "2e-5", "--adam_weight_decay", "0.03", "--adam_beta2", "0.99",
+          "--lr_warmup_steps", "6", "--max_grad_norm", "0.5", "--gradient_accumulation_steps", "2",
+          "--checkpointing_steps", "4", "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "none",
+          "--mixed_precision", "bf16", "--logging_steps", "7", "--report_to", "none", "--validation_steps", "8",
+          "--validation_prompt", "a sks dog", "--num_inference_steps", "3", "--max_train_steps", "9"]
+
+
+def _shared(cfg) -> dict:
+    from accord_face.config import to_dict
+
+    d = to_dict(cfg)
+    return {"train_batch_size": d["train_batch_size"], "max_steps": d["max_steps"], "optimizer": d["optimizer"],
+            "precision": d["precision"], "checkpointing": d["checkpointing"], "logging": d["logging"],
+            **{k: d["validation"][k] for k in ("validation_steps", "validation_prompts", "num_inference_steps")}}
+
+
+def test_both_trainers_map_the_diffusers_flags_onto_the_same_keys():
+    lora = load_config(LoraTrainConfig, resolve_config_path("lora_tiny"), flags_to_overrides(SHARED, LORA_FLAGS))
+    enc = load_config(TrainConfig, resolve_config_path("tiny"), flags_to_overrides(SHARED, ENCODER_FLAGS))
+    assert _shared(lora) == _shared(enc)
+    o = enc.optimizer
+    assert (o.learning_rate, o.adam_weight_decay, o.adam_beta2) == pytest.approx((2e-5, 0.03, 0.99))
+    assert (o.lr_warmup_steps, o.max_grad_norm, o.gradient_accumulation_steps) == (6, 0.5, 2)
+    c = enc.checkpointing
+    assert (c.checkpointing_steps, c.checkpoints_total_limit, c.resume_from_checkpoint) == (4, 1, "none")
+    assert (enc.train_batch_size, enc.max_steps, enc.precision.mixed_precision) == (3, 9, "bf16")
+    assert (enc.logging.logging_steps, enc.logging.report_to) == (7, "none")
+    v = enc.validation
+    assert (v.validation_steps, v.validation_prompts, v.num_inference_steps) == (8, ["a sks dog"], 3)
+
+
 def test_lora_trainer_takes_dreambooth_lora_flags(tmp_path):
-    argv = ["--output_dir", str(tmp_path), "--max_train_steps=7", "--rank", "8", "--with_prior_preservation",
-            "--mixed_precision", "no", "--resume_from_checkpoint", "latest", "--validation_prompt", "a sks dog",
-            "--learning_rate", "3e-4", "--train_batch_size", "2", "--checkpointing_steps", "5",
-            "--checkpoints_total_limit", "3", "lora.alpha=16", "--data.synthetic", "subject"]
+    argv = ["--output_dir", str(tmp_path), "--rank", "8", "--with_prior_preservation", "--num_validation_images", "3",
+            "lora.alpha=16", "--data.synthetic", "subject"]
     cfg = load_config(LoraTrainConfig, resolve_config_path("lora_tiny"), flags_to_overrides(argv, LORA_FLAGS))
-    assert (cfg.output_dir, cfg.max_steps, cfg.lora.rank, cfg.lora.alpha) == (str(tmp_path), 7, 8, 16.0)
-    assert cfg.prior.enabled and cfg.mixed_precision == "fp32" and cfg.resume is True
-    assert cfg.validation.prompts == ["a sks dog"] and cfg.learning_rate == pytest.approx(3e-4)
-    assert (cfg.batch_size, cfg.checkpoint_every, cfg.keep_checkpoints) == (2, 5, 3)
-
-
-def test_encoder_trainer_takes_the_same_flag_names():
-    argv = ["--pretrained_model_name_or_path", "embedded:tiny", "--train_batch_size", "3", "--learning_rate", "2e-5",
-            "--checkpointing_steps", "4", "--checkpoints_total_limit", "1", "--mixed_precision", "bf16",
-            "--resume_from_checkpoint", "latest", "--max_train_steps", "9", "--output_dir", "o"]
-    cfg = load_config(TrainConfig, resolve_config_path("tiny"), flags_to_overrides(argv, ENCODER_FLAGS))
-    assert (cfg.data.micro_batch_size, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last) == (3, 4, 1)
-    assert cfg.optim.lr == pytest.approx(2e-5) and cfg.deepspeed.precision == "bf16" and cfg.resume == "auto"
-    assert (cfg.max_steps, cfg.output_dir) == (9, "o")
+    assert (cfg.output_dir, cfg.lora.rank, cfg.lora.alpha) == (str(tmp_path), 8, 16.0)
+    assert cfg.prior.enabled and cfg.validation.num_validation_images == 3
 
 
 def test_flag_mistakes_are_named():
-    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+    with pytest.raises(ConfigError, match="did you mean 'optimizer.learning_rate'"):
         load_config(LoraTrainConfig, None, flags_to_overrides(["--lerning_rate", "1"], LORA_FLAGS))
+    with pytest.raises(ConfigError, match="did you mean 'checkpointing.checkpointing_steps'"):
+        load_config(TrainConfig, None, ["checkpointing_steps=5"])
     with pytest.raises(ValueError, match="--output_dir needs a value"):
         flags_to_overrides(["--output_dir", "--rank", "4"], LORA_FLAGS)
-    with pytest.raises(ValueError, match="--mixed_precision fp8: use one of no, fp16, bf16"):
-        flags_to_overrides(["--mixed_precision", "fp8"], LORA_FLAGS)
+    with pytest.raises(ConfigError, match=r"'precision.mixed_precision' in command line: 'fp8' is not one of"):
+        load_config(LoraTrainConfig, None, flags_to_overrides(["--mixed_precision", "fp8"], LORA_FLAGS))
+    with pytest.raises(ConfigError, match="report_to=wandb: (the encoder trainer writes tensorboard or none|wandb is "
+                                          "not installed)"):
+        load_config(TrainConfig, None, flags_to_overrides(["--report_to", "wandb"], ENCODER_FLAGS))
 
 
 def test_split_argv_keeps_order_and_the_launchers_flag():

@@ -53,8 +53,8 @@ def test_train_lora_from_the_wheel(venv):
     env_dir, tmp = venv
     out = tmp / "lora-run"
     run([env_dir / "bin" / "accord-face", "train-lora", "--config", "lora_tiny", "--output_dir", out,
-         "--max_train_steps", "1", "data.synthetic_count=2", "validation.inference_steps=1",
-         "validation.images_per_prompt=1"], tmp)
+         "--max_train_steps", "1", "data.synthetic_count=2", "validation.num_inference_steps=1",
+         "validation.num_validation_images=1"], tmp)
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -66,5 +66,5 @@ def test_train_encoder_from_the_wheel(venv):
     run([cli, "prepare-shards", "--input", tmp / "photos", "--output", tmp / "shards", "--no-progress"], tmp)
     out = tmp / "enc-run"
     run([cli, "train-encoder", "--config", "tiny", f"shards={tmp / 'shards'}", "--output_dir", out,
-         "--max_train_steps", "1", "validation.enabled=false", "checkpoint.every_n_steps=0"], tmp)
+         "--max_train_steps", "1", "validation.enabled=false", "checkpointing.checkpointing_steps=0"], tmp)
     assert (out / "adapter" / "ip_adapter.safetensors").is_file()

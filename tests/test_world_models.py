@@ -123,7 +123,7 @@ def test_short_training_lowers_heldout_denoising_loss(world_dir, tmp_path):
     _prepare(tmp_path / "held", tmp_path / "held_shards")
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", "29847",
            "scripts/train_encoder.py", "--config", "configs/faces.yaml", f"shards={tmp_path / 'shards'}",
-           f"output_dir={tmp_path / 'run'}", "max_steps=120", "checkpoint.every_n_steps=0",
+           f"output_dir={tmp_path / 'run'}", "max_steps=120", "checkpointing.checkpointing_steps=0",
            "validation.num_faces=0"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])

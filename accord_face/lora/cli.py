@@ -51,13 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     try:
-        train_lora(cfg)
+        result = train_lora(cfg)
     except (UsageError, ConfigError) as err:  # caught before any model loaded
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except ValueError as err:  # data / model errors carry the file and what to do
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if result.get("stopped") and int(os.environ.get("RANK", "0")) == 0:
+        print(f"stopped by {result['stopped']} at step {result['step']}: checkpoint saved; rerun the same command "
+              f"to resume; outputs in {result['output_dir']}")
     return 0
 
 

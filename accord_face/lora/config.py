@@ -1,16 +1,20 @@
 """Typed config of the LoRA path (``scripts/train_lora.py --config configs/lora_*.yaml``).
 
 Top-level keys hold what a run changes most (``output_dir``, ``max_steps``,
-``pretrained_model``); the sections group the rest. Every field carries help
+``pretrained_model``, ``train_batch_size``); the sections group the rest. ``optimizer``,
+``precision``, ``checkpointing``, ``logging`` and ``validation`` are the encoder trainer's
+sections too (``accord_face.sections``; old names in ``LORA_RENAMED``). Every field carries help
 text: ``accord_face.config.describe(LoraTrainConfig)`` lists them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
-from ..config import field
+from ..config import Renamed, field
+from ..sections import (CheckpointingConfig, LoggingConfig, OptimizerConfig, PrecisionConfig, ValidationConfig,
+                        precision_value, resume_value)
 
 
 @dataclass
@@ -104,13 +108,50 @@ class PriorConfig:
 
 
 @dataclass
-class ValidationConfig:
-    prompts: list[str] = field(default_factory=lambda: ["a photo of sks dog", "a photo of sks dog on a beach"],
-                               help="prompts of the validation grid (one row each)")
-    images_per_prompt: int = field(2, help="columns of the grid")
-    every: int = field(100, help="write a grid every k steps (and at the end); 0 = only at the end")
-    inference_steps: int = field(20, help="sampling steps of validation images")
-    guidance_scale: float = field(5.0, help="classifier-free guidance of validation images")
+class LoraValidation(ValidationConfig):
+    validation_steps: int = field(100, help="write a grid every k steps (and at the end); 0 = only at the end")
+    validation_prompts: list[str] = field(default_factory=lambda: ["a photo of sks dog",
+                                                                   "a photo of sks dog on a beach"],
+                                          help="prompts of the validation grid (one row each)")
+    num_validation_images: int = field(2, help="images per prompt (columns of the grid)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_validation_images < 1:
+            raise ValueError("num_validation_images must be >= 1")
+
+
+@dataclass
+class LoraCheckpointing(CheckpointingConfig):
+    checkpointing_steps: int = field(100, help="write a resumable checkpoint (accelerate save_state) and the "
+                                               "export every k steps, and at the end; 0 = only at the end")
+
+
+@dataclass
+class LoraPrecision(PrecisionConfig):
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = field(
+        "no", help="no = fp32; fp16 / bf16: frozen weights in half precision on GPU (LoRA weights and loss stay "
+                   "fp32); auto = bf16 where supported, else fp16 on GPU, fp32 on CPU")
+
+
+# The LoRA trainer's names before the shared vocabulary (accord_face.sections); read for one release.
+LORA_RENAMED = (
+    Renamed("batch_size", "train_batch_size"),
+    Renamed("gradient_accumulation", "optimizer.gradient_accumulation_steps"),
+    Renamed("learning_rate", "optimizer.learning_rate"),
+    Renamed("weight_decay", "optimizer.adam_weight_decay"),
+    Renamed("max_grad_norm", "optimizer.max_grad_norm"),
+    Renamed("mixed_precision", "precision.mixed_precision", precision_value),
+    Renamed("checkpoint_every", "checkpointing.checkpointing_steps"),
+    Renamed("keep_checkpoints", "checkpointing.checkpoints_total_limit"),
+    Renamed("resume", "checkpointing.resume_from_checkpoint", resume_value),
+    Renamed("log_every", "logging.logging_steps"),
+    Renamed("report_to", "logging.report_to"),
+    Renamed("validation.every", "validation.validation_steps"),
+    Renamed("validation.prompts", "validation.validation_prompts"),
+    Renamed("validation.images_per_prompt", "validation.num_validation_images"),
+    Renamed("validation.inference_steps", "validation.num_inference_steps"),
+)
 
 
 @dataclass
@@ -120,22 +161,10 @@ class LoraTrainConfig:
     output_dir: str = field("outputs/lora", help="run folder: config.yaml, lora/, checkpoints/step-N/, "
                                                  "samples/step-N.png, metrics.jsonl, logs/ (TensorBoard)")
     max_steps: int = field(400, help="optimizer steps")
-    batch_size: int = field(1, help="instance images per step (prior preservation adds as many class images)")
-    gradient_accumulation: int = field(1, help="micro-batches per optimizer step")
-    learning_rate: float = field(1e-4, help="AdamW learning rate of the LoRA weights")
-    weight_decay: float = field(1e-2, help="AdamW weight decay of the LoRA weights")
-    max_grad_norm: float = field(1.0, help="gradient clipping (0 = off)")
+    train_batch_size: int = field(1, help="instance images per step and process (prior preservation adds as "
+                                          "many class images)")
     resolution: Optional[int] = field(None, help="training resolution; null: the UNet sample size x VAE factor")
-    mixed_precision: Literal["fp32", "fp16", "bf16"] = field("fp32", help="fp16/bf16: frozen weights in half "
-                                                              "precision on GPU; LoRA weights and loss stay fp32")
     seed: int = field(0, help="seed of data order, noise and timesteps")
-    checkpoint_every: int = field(100, help="write a resumable checkpoint every k steps (and at the end)")
-    keep_checkpoints: int = field(2, help="newest checkpoints kept")
-    resume: bool = field(True, help="continue from the newest complete checkpoint in output_dir")
-    log_every: int = field(10, help="log the loss terms every k steps")
-    report_to: Literal["tensorboard", "wandb", "none"] = field(
-        "tensorboard", help="where the logged terms go besides metrics.jsonl: TensorBoard events in "
-                            "<output_dir>/logs, Weights & Biases (accelerate's tracker; needs wandb installed), or none")
     export_format: Literal["diffusers", "kohya", "comfyui"] = field(
         "diffusers", help="diffusers: lora/pytorch_lora_weights.safetensors for pipe.load_lora_weights (always "
                           "written); kohya (= comfyui): also lora/lora_kohya.safetensors (lora_unet_* keys, scalar "
@@ -146,16 +175,15 @@ class LoraTrainConfig:
                                                       help="optional learned token")
     accord: AccordConfig = field(default_factory=AccordConfig, help="ACCORD losses")
     prior: PriorConfig = field(default_factory=PriorConfig, help="prior preservation")
-    validation: ValidationConfig = field(default_factory=ValidationConfig, help="validation grids")
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig,
+                                       help="optimizer of the LoRA weights (shared vocabulary)")
+    precision: LoraPrecision = field(default_factory=LoraPrecision, help="precision (shared vocabulary)")
+    checkpointing: LoraCheckpointing = field(default_factory=LoraCheckpointing, help="checkpoints (shared vocabulary)")
+    logging: LoggingConfig = field(default_factory=LoggingConfig, help="logging (shared vocabulary)")
+    validation: LoraValidation = field(default_factory=LoraValidation, help="validation grids (shared vocabulary)")
+
+    RENAMED: ClassVar[tuple] = LORA_RENAMED
 
     def validate(self):
-        if self.max_steps < 1 or self.batch_size < 1 or self.gradient_accumulation < 1:
-            raise ValueError("max_steps, batch_size and gradient_accumulation must be >= 1")
-        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
-            raise ValueError("checkpoint_every and keep_checkpoints must be >= 1")
-        if self.report_to == "wandb":
-            import importlib.util
-
-            if importlib.util.find_spec("wandb") is None:
-                raise ValueError("report_to=wandb: wandb is not installed (pip install wandb); "
-                                 "or use report_to=tensorboard / none")
+        if self.max_steps < 1 or self.train_batch_size < 1:
+            raise ValueError("max_steps and train_batch_size must be >= 1")

@@ -10,10 +10,8 @@ Export (``<output_dir>/lora``):
   loadable by ``pipe.load_textual_inversion(folder, weight_name=...)``.
 - ``lora_config.json``: the base model folder (``accord-face generate --lora`` loads it).
 
-Checkpoints (``<output_dir>/checkpoints/step-NNNNNNNN``, older 6-digit names still resume): the trainable weights
-(safetensors), the optimizer state and ``state.json``; each is written under a
-temporary folder name and renamed when complete, so the newest folder is always
-a complete one.
+``trainable_state`` / ``load_trainable_state`` are what a checkpoint holds of the
+models (``accord_face.lora.checkpoints``: accelerate ``save_state`` / ``load_state``).
 """
 
 from __future__ import annotations
@@ -24,14 +22,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .models import LoraModels
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TOKEN_WEIGHTS = "learned_embeds.safetensors"
 LORA_CONFIG = "lora_config.json"
-CHECKPOINT_PREFIX = "step-"
 
 
 def _adapter_metadata(model: torch.nn.Module) -> dict:
@@ -182,40 +179,3 @@ def load_trainable_state(models: LoraModels, state: dict[str, torch.Tensor]) -> 
         with torch.no_grad():
             table = models.text_encoder.get_input_embeddings().weight
             table[models.placeholder_ids] = state["token_embedding"].to(table)
-
-
-def save_checkpoint(root: str | Path, step: int, models: LoraModels, optimizer: torch.optim.Optimizer,
-                    extra: dict, keep: int = 2) -> Path:
-    """Write ``root/step-NNNNNN`` atomically and prune all but the newest ``keep``."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"   # the encoder trainer's step-N width
-    tmp = _temp_dir(final)
-    try:
-        save_file(trainable_state(models), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-        _replace_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints (with state.json), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def load_checkpoint(path: str | Path, models: LoraModels, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore weights and optimizer from a checkpoint folder; returns its state.json."""
-    path = Path(path)
-    load_trainable_state(models, load_file(str(path / "trainable.safetensors")))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    return json.loads((path / "state.json").read_text())

@@ -78,7 +78,7 @@ def load_models(cfg: LoraTrainConfig, device: torch.device | str = "cpu") -> Lor
     if cfg.textual_inversion.enabled:
         add_learned_token(models, cfg.textual_inversion.token, cfg.textual_inversion.initializer)
     add_lora(models, cfg)
-    return to_device(models, device, cfg.mixed_precision)
+    return to_device(models, device, cfg.precision.mixed_precision)
 
 
 def add_learned_token(models: LoraModels, token: str, initializer: str) -> None:
@@ -148,9 +148,12 @@ def to_device(models: LoraModels, device: torch.device | str, mixed_precision: s
     """Move to ``device``; frozen weights to half precision on GPU, trainable ones fp32."""
     from diffusers.training_utils import cast_training_params
 
+    from ..sections import accelerate_precision
+
     device = torch.device(device)
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision)
-    dtype = half if (half is not None and device.type == "cuda") else torch.float32
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerate_precision(mixed_precision,
+                                                                                     device.type == "cuda"))
+    dtype = half if half is not None else torch.float32
     models.unet.to(device, dtype=dtype)
     models.vae.to(device, dtype=dtype)
     te_dtype = torch.float32 if models.trains_text_encoder else dtype

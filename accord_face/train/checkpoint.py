@@ -110,16 +110,17 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def find_resume(root: Path, resume: str) -> Optional[Path]:
-    """``auto``/``force``: newest complete checkpoint or None; ``none``: None; else that folder (must be complete)."""
+    """``latest``/``force`` (``auto``: the old name of latest): newest complete checkpoint or None; ``none``: None;
+    else that folder (must be complete)."""
     if resume == "none":
         return None
-    if resume in ("auto", "force"):
+    if resume in ("latest", "auto", "force"):
         found = complete_checkpoints(root)
         return found[-1][1] if found else None
     folder = Path(resume)
     if not is_complete(folder):
         what = "does not exist" if not folder.exists() else f"is not a complete checkpoint (no {MARKER} marker)"
-        raise FileNotFoundError(f"resume={resume}: {folder} {what}; use resume=auto or one of "
+        raise FileNotFoundError(f"resume_from_checkpoint={resume}: {folder} {what}; use latest or one of "
                                 f"{[str(p) for _, p in complete_checkpoints(root)]}")
     return folder
 

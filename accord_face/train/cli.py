@@ -40,19 +40,18 @@ def main(argv: list[str] | None = None) -> int:
                                      "(--output_dir X --max_train_steps N ...; accord_face/train_flags.py)")
     parser.add_argument("--config", help="YAML config: a path, or the name of a bundled one (tiny, sd15_faceid, "
                         "sdxl_faceid)")
-    parser.add_argument("--resume", default=None, help="auto (default) | none | a checkpoint folder")
     parser.add_argument("--describe", action="store_true", help="print every config key with type, allowed "
                         "values, default and help, and exit")
     parser.add_argument("--verbose", action="store_true", help="show third-party warnings and loading bars")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
-    own, rest = split_argv(argv, {"--config": True, "--resume": True, "--describe": False, "--verbose": False,
+    own, rest = split_argv(argv, {"--config": True, "--describe": False, "--verbose": False,
                                   "--local_rank": True})
     args = parser.parse_args(own)
     if args.describe:
         print("\n".join(describe(TrainConfig)))
         return 0
     try:
-        overrides = flags_to_overrides(rest, ENCODER_FLAGS) + ([f"resume={args.resume}"] if args.resume else [])
+        overrides = flags_to_overrides(rest, ENCODER_FLAGS)
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -9,13 +9,35 @@ every key with its help text.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
-from ..config import ConfigError, field
+from ..config import ConfigError, Renamed, field
+from ..sections import (CheckpointingConfig, LoggingConfig, OptimizerConfig, PrecisionConfig, ValidationConfig,
+                        precision_value, report_to_value, resume_value)
 
-__all__ = ["TrainConfig", "EncoderConfig", "DataConfig", "DropoutConfig", "LossConfig", "OptimConfig",
-           "DeepSpeedSection", "CheckpointConfig", "LoggingConfig", "ValidationConfig", "DebugConfig",
-           "ShardInfo", "preflight"]
+__all__ = ["TrainConfig", "EncoderConfig", "DataConfig", "DropoutConfig", "LossConfig", "OptimizerConfig",
+           "DeepSpeedSection", "EncoderCheckpointing", "LoggingConfig", "EncoderValidation", "PrecisionConfig",
+           "DebugConfig", "ShardInfo", "preflight", "ENCODER_RENAMED"]
+
+# The encoder trainer's names before the shared vocabulary (accord_face.sections); read for one release.
+ENCODER_RENAMED = (
+    Renamed("data.micro_batch_size", "train_batch_size"),
+    Renamed("optim.lr", "optimizer.learning_rate"),
+    Renamed("optim.weight_decay", "optimizer.adam_weight_decay"),
+    Renamed("optim.betas", ("optimizer.adam_beta1", "optimizer.adam_beta2"),
+            lambda v: tuple(v) if isinstance(v, (list, tuple)) else v),
+    Renamed("optim.warmup_steps", "optimizer.lr_warmup_steps"),
+    Renamed("optim.grad_clip", "optimizer.max_grad_norm"),
+    Renamed("optim.gradient_accumulation_steps", "optimizer.gradient_accumulation_steps"),
+    Renamed("deepspeed.precision", "precision.mixed_precision", precision_value),
+    Renamed("checkpoint.every_n_steps", "checkpointing.checkpointing_steps"),
+    Renamed("checkpoint.keep_last", "checkpointing.checkpoints_total_limit"),
+    Renamed("resume", "checkpointing.resume_from_checkpoint", resume_value),
+    Renamed("logging.every_n_steps", "logging.logging_steps"),
+    Renamed("logging.tensorboard", "logging.report_to", report_to_value),
+    Renamed("validation.every_n_steps", "validation.validation_steps"),
+    Renamed("validation.prompts", "validation.validation_prompts"),
+)
 
 
 @dataclass
@@ -69,7 +91,6 @@ class IdentityLoraSection:
 
 @dataclass
 class DataConfig:
-    micro_batch_size: int = field(4, help="samples per rank per forward")
     num_workers: int = field(0, help="DataLoader workers per rank (shards are split by worker too)")
     shuffle_buffer: int = field(256, help="sample shuffle buffer (0/1 = shard order)")
     random_flip: bool = field(False, help="horizontal flip augmentation")
@@ -115,56 +136,26 @@ class LossConfig:
 
 
 @dataclass
-class OptimConfig:
-    lr: float = field(1e-4, help="AdamW learning rate")
-    weight_decay: float = field(0.01, help="AdamW weight decay")
-    betas: tuple[float, float] = field(default_factory=lambda: (0.9, 0.999), help="AdamW betas")
-    warmup_steps: int = field(0, help="linear learning-rate warm-up (DeepSpeed WarmupLR)")
-    grad_clip: float = field(1.0, help="gradient clipping norm (0 = off)")
-    gradient_accumulation_steps: int = field(1, help="micro batches per optimizer step")
+class EncoderCheckpointing(CheckpointingConfig):
+    checkpointing_steps: int = field(500, help="save a DeepSpeed checkpoint + exported adapter every n steps (and at "
+                                               "the end); 0 = only at the end")
+
+
+@dataclass
+class EncoderValidation(ValidationConfig):
+    validation_prompts: list[str] = field(default_factory=lambda: ["a photo of a person",
+                                                                   "a person on a beach, oil painting"],
+                                          help="fixed validation prompts")
+    enabled: bool = field(True, help="write validation grids at all")
+    num_faces: int = field(2, help="fixed faces: the first n identities read from the shards")
+    scales: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0], help="adapter scales (grid columns)")
 
 
 @dataclass
 class DeepSpeedSection:
     config: str = field("configs/deepspeed/zero2.json", help="DeepSpeed JSON (ZeRO settings); batch, optimizer "
                                                              "and precision keys are filled from this config")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
-        "auto", help="auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU")
     backend: Literal["auto", "gloo", "nccl"] = field("auto", help="process group backend (auto: gloo on CPU)")
-
-
-@dataclass
-class CheckpointConfig:
-    every_n_steps: int = field(500, help="save a DeepSpeed checkpoint + exported adapter every n steps (and at the "
-                                         "end); 0 = only at the end")
-    keep_last: int = field(2, help="complete checkpoints kept (older ones deleted); 0 = keep all")
-
-    def validate(self):
-        if self.every_n_steps < 0 or self.keep_last < 0:
-            raise ValueError("checkpoint.every_n_steps and checkpoint.keep_last must be >= 0")
-
-
-@dataclass
-class LoggingConfig:
-    every_n_steps: int = field(10, help="TensorBoard scalars every n steps")
-    tensorboard: bool = field(True, help="write TensorBoard events to OUTPUT/logs")
-    progress: bool = field(True, help="tqdm progress bar on rank 0")
-
-    def validate(self):
-        if self.every_n_steps < 1:
-            raise ValueError("logging.every_n_steps must be >= 1")
-
-
-@dataclass
-class ValidationConfig:
-    every_n_steps: int = field(0, help="PNG grid of validation samples every n steps (0 = only at the end)")
-    enabled: bool = field(True, help="write validation grids at all")
-    prompts: list[str] = field(default_factory=lambda: ["a photo of a person", "a person on a beach, oil painting"],
-                               help="fixed validation prompts")
-    num_faces: int = field(2, help="fixed faces: the first n identities read from the shards")
-    scales: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0], help="adapter scales (grid columns)")
-    num_inference_steps: int = field(20, help="sampler steps")
-    guidance_scale: float = field(5.0, help="classifier-free guidance scale")
 
 
 @dataclass
@@ -190,9 +181,7 @@ class TrainConfig:
     clip_model: str = field("auto", help="CLIPTextModelWithProjection for PDLoss: hub id, folder, or auto "
                                          "(embedded projection / SDXL text_encoder_2 / openai/clip-vit-large-patch14)")
     recognizer: str = field("auto", help="face recognizer the embeddings came from (auto: the shards' manifest)")
-    resume: str = field("auto", help="auto = newest complete checkpoint in OUTPUT/checkpoints (refused when the "
-                                     "stored config differs), force = the same but accept a changed config, none, "
-                                     "or a checkpoint folder")
+    train_batch_size: int = field(4, help="samples per rank per forward (micro batch)")
     export_format: Literal["diffusers", "comfyui"] = field(
         "diffusers", help="diffusers: OUTPUT/adapter for pipe.load_ip_adapter (always written); comfyui: also an "
                           "ip-adapter-faceid*_accord.safetensors for ComfyUI_IPAdapter_plus and tencent's IP-Adapter "
@@ -203,16 +192,24 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig, help="shard reading")
     dropout: DropoutConfig = field(default_factory=DropoutConfig, help="condition dropout")
     losses: LossConfig = field(default_factory=LossConfig, help="ACCORD losses")
-    optim: OptimConfig = field(default_factory=OptimConfig, help="optimizer")
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig, help="optimizer (shared vocabulary)")
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig, help="precision (shared vocabulary)")
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection, help="DeepSpeed")
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, help="checkpoints")
-    logging: LoggingConfig = field(default_factory=LoggingConfig, help="logging")
-    validation: ValidationConfig = field(default_factory=ValidationConfig, help="validation grids")
+    checkpointing: EncoderCheckpointing = field(default_factory=EncoderCheckpointing,
+                                                help="checkpoints (shared vocabulary)")
+    logging: LoggingConfig = field(default_factory=LoggingConfig, help="logging (shared vocabulary)")
+    validation: EncoderValidation = field(default_factory=EncoderValidation,
+                                          help="validation grids (shared vocabulary)")
     debug: DebugConfig = field(default_factory=DebugConfig, help="test hooks")
 
+    RENAMED: ClassVar[tuple] = ENCODER_RENAMED
+
     def validate(self) -> None:
-        if self.max_steps < 1:
-            raise ValueError("max_steps must be >= 1")
+        if self.max_steps < 1 or self.train_batch_size < 1:
+            raise ValueError("max_steps and train_batch_size must be >= 1")
+        if self.logging.report_to == "wandb":
+            raise ValueError("logging.report_to=wandb: the encoder trainer writes tensorboard or none "
+                             "(OUTPUT/metrics.jsonl always)")
         if self.resolution % 8:
             raise ValueError(f"resolution {self.resolution} must be a multiple of 8")
         if self.export_format == "comfyui":

@@ -169,7 +169,7 @@ class StopFlag:
 
 # ---------------------------------------------------------------- resume config
 # Keys that may change between a run and its resume: how long, how often, what is logged, where.
-RESUMABLE_CHANGES = ("max_steps", "resume", "output_dir", "pretrained_model_path", "export_format", "checkpoint.",
+RESUMABLE_CHANGES = ("max_steps", "output_dir", "pretrained_model_path", "export_format", "checkpointing.",
                      "logging.", "validation.", "debug.")
 
 

@@ -74,21 +74,21 @@ def _init_distributed(backend: str) -> None:
 def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
     """The JSON's ZeRO settings + batch, optimizer, scheduler and precision from ``cfg`` (one source of truth)."""
     ds = json.loads(Path(cfg.deepspeed.config).read_text())
-    o = cfg.optim
+    o = cfg.optimizer
     ds.update({
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train_batch_size,
         "gradient_accumulation_steps": o.gradient_accumulation_steps,
-        "gradient_clipping": o.grad_clip,
-        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": 1e-8,
-                                                  "weight_decay": o.weight_decay, "torch_adam": True}},
+        "gradient_clipping": o.max_grad_norm,
+        "optimizer": {"type": "AdamW", "params": {"lr": o.learning_rate, "betas": [o.adam_beta1, o.adam_beta2],
+                                                  "eps": o.adam_epsilon, "weight_decay": o.adam_weight_decay, "torch_adam": True}},
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},
         "steps_per_print": 10 ** 9,
     })
     ds.pop("train_batch_size", None)
-    if o.warmup_steps > 0:
-        ds["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": o.lr,
-                                                           "warmup_num_steps": o.warmup_steps,
+    if o.lr_warmup_steps > 0:
+        ds["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": o.learning_rate,
+                                                           "warmup_num_steps": o.lr_warmup_steps,
                                                            "warmup_type": "linear"}}
     return ds
 
@@ -166,8 +166,8 @@ def _save(engine, cfg, parts, info, out: Path, step: int, stream: DataStream) ->
     tag = ckpt.tag_for(step)
     client = {"step": step, "data": _gather(stream.position()), "rng": _gather(_rng_state()),
               "world_size": dist.get_world_size()}
-    keep = cfg.checkpoint.keep_last
-    if dist.get_rank() == 0:  # room first: keep_last checkpoints on disk at most, not keep_last + 1
+    keep = cfg.checkpointing.checkpoints_total_limit
+    if dist.get_rank() == 0:  # room first: checkpoints_total_limit on disk at most, not one more
         ckpt.prune(root, keep - 1 if keep >= 2 else keep, current=tag)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False,
@@ -205,9 +205,9 @@ def _validate(engine, cfg, parts, faces, out: Path, step: int, device) -> Option
         return None
     if engine.zero_optimization_stage() < 3 and dist.get_rank() != 0:
         return None  # full weights on every rank: rank 0 alone samples (ZeRO-3: all ranks take part)
-    prompts = [p for _ in range(len(faces["ids"])) for p in v.prompts]
-    ids = faces["ids"].repeat_interleave(len(v.prompts), dim=0)
-    clip = faces["clip"].repeat_interleave(len(v.prompts), dim=0) if faces["clip"] is not None else None
+    prompts = [p for _ in range(len(faces["ids"])) for p in v.validation_prompts]
+    ids = faces["ids"].repeat_interleave(len(v.validation_prompts), dim=0)
+    clip = faces["clip"].repeat_interleave(len(v.validation_prompts), dim=0) if faces["clip"] is not None else None
     columns = [sample_images(engine.module, parts, prompts, ids, s, v.num_inference_steps, v.guidance_scale,
                              cfg.resolution, cfg.seed, device, clip=clip)
                for s in tqdm(v.scales, desc="validation (scales)", disable=dist.get_rank() != 0, leave=False)]
@@ -242,7 +242,7 @@ def _prepare(cfg: TrainConfig) -> tuple[ShardInfo, Optional[Path], Optional[guar
         lock = guard.OutputLock(out)                  # a second run in this folder stops here
     try:
         resume_from = check_resume(cfg, info, out, world) if (out / "checkpoints").is_dir() or \
-            cfg.resume not in ("auto", "none", "force") else None
+            cfg.checkpointing.resume_from_checkpoint not in ("latest", "none", "force") else None
     except BaseException:
         if lock:
             lock.release()
@@ -254,7 +254,7 @@ def _finish(engine, cfg, parts, info, faces, out: Path, step: int, stream, devic
     """After the last step, or on a rerun of a finished run: what a kill after the final checkpoint lost
     (the adapter export, the validation grid, the prune)."""
     if dist.get_rank() == 0:
-        ckpt.prune(out / "checkpoints", cfg.checkpoint.keep_last)
+        ckpt.prune(out / "checkpoints", cfg.checkpointing.checkpoints_total_limit)
     done = out / "adapter" / adapter.CONFIG_NAME
     try:
         exported = json.loads(done.read_text()).get("train_steps") if done.is_file() else None
@@ -267,7 +267,7 @@ def _finish(engine, cfg, parts, info, faces, out: Path, step: int, stream, devic
         if dist.get_rank() == 0 and faces is not None:
             v = cfg.validation
             log.info("final validation grid: %d faces x %d prompts x %d scales, %d sampler steps each",
-                     len(faces["ids"]), len(v.prompts), len(v.scales), v.num_inference_steps)
+                     len(faces["ids"]), len(v.validation_prompts), len(v.scales), v.num_inference_steps)
         made = _validate(engine, cfg, parts, faces, out, step, device)
         if made:
             log.info("validation grid: %s", made)
@@ -289,7 +289,7 @@ def train(cfg: TrainConfig) -> dict:
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dtype = compute_dtype(cfg.deepspeed.precision, device)
+    dtype = compute_dtype(cfg.precision.mixed_precision, device)
     out = Path(cfg.output_dir)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -337,12 +337,12 @@ def train(cfg: TrainConfig) -> dict:
     faces = _validation_faces(cfg, info, parts) if cfg.validation.enabled else None
 
     writer = None
-    if rank == 0 and cfg.logging.tensorboard:
+    if rank == 0 and cfg.logging.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "logs"), purge_step=step + 1 if step else None)
     keys_log = open(out / f"samples-rank{rank}.jsonl", "a") if cfg.debug.log_sample_keys else None
-    gas, global_batch = cfg.optim.gradient_accumulation_steps, cfg.data.micro_batch_size * \
-        cfg.optim.gradient_accumulation_steps * world
+    gas = cfg.optimizer.gradient_accumulation_steps
+    global_batch = cfg.train_batch_size * gas * world
     bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0 or not cfg.logging.progress, unit="step",
                dynamic_ncols=True)
     last: dict[str, float] = {}
@@ -391,13 +391,13 @@ def train(cfg: TrainConfig) -> dict:
         if rank == 0:
             with open(metrics_path, "a") as fh:
                 fh.write(guard.json_line({"step": step, **stats}))
-            if writer and (step % cfg.logging.every_n_steps == 0 or step == cfg.max_steps):
+            if writer and (step % cfg.logging.logging_steps == 0 or step == cfg.max_steps):
                 for k, v in stats.items():
                     writer.add_scalar(f"train/{k}", v, step)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", dd=f"{stats['dd']:.3g}", pd=f"{stats['pd']:.3g}",
                             sps=f"{stats['samples_per_s']:.1f}")
             bar.update(1)
-        ck_every = cfg.checkpoint.every_n_steps  # 0 = only at the end
+        ck_every = cfg.checkpointing.checkpointing_steps  # 0 = only at the end
         if (ck_every and step % ck_every == 0) or step == cfg.max_steps or stop_now:
             _save(engine, cfg, parts, info, out, step, stream)
         if stop_now:
@@ -405,7 +405,7 @@ def train(cfg: TrainConfig) -> dict:
             log.warning("stopped at step %d by %s: checkpoint %s saved; rerun the same command to resume", step,
                         stopped, out / "checkpoints" / ckpt.tag_for(step))
             break
-        v_every = cfg.validation.every_n_steps
+        v_every = cfg.validation.validation_steps
         if v_every and step % v_every == 0 and step != cfg.max_steps:
             grid = _validate(engine, cfg, parts, faces, out, step, device)
             if grid:

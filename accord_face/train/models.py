@@ -32,12 +32,12 @@ __all__ = ["IdentityAdapterModel", "FrozenParts", "load_frozen_parts", "build_mo
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU that supports it, else fp16 on GPU; fp32 on CPU."""
+    """``auto``: bf16 on a GPU that supports it, else fp16 on GPU; fp32 on CPU; ``no`` (= ``fp32``): fp32."""
     if precision == "auto":
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class IdentityAdapterModel(nn.Module):

@@ -7,7 +7,7 @@ line naming the cause and the fix, a checkpoint that:
 - was written by another number of ranks (DeepSpeed would raise deep inside ``load_checkpoint``);
 - is already past ``max_steps``;
 - belongs to a run with another config (``OUTPUT/config.yaml`` compared key by key, except the keys in
-  ``guard.RESUMABLE_CHANGES``); ``resume=force`` accepts the change.
+  ``guard.RESUMABLE_CHANGES``); ``checkpointing.resume_from_checkpoint=force`` accepts the change.
 """
 
 from __future__ import annotations
@@ -90,9 +90,9 @@ def comparable(cfg: TrainConfig, info: Optional[ShardInfo] = None) -> dict:
 def check_resume(cfg: TrainConfig, info: ShardInfo, out: Path, world: int) -> Optional[Path]:
     """The checkpoint folder to resume from (None: start fresh); ConfigError / CheckpointError if refused."""
     try:
-        folder = ckpt.find_resume(out / "checkpoints", cfg.resume)
+        folder = ckpt.find_resume(out / "checkpoints", cfg.checkpointing.resume_from_checkpoint)
     except FileNotFoundError as err:
-        raise ConfigError(f"'resume': {err}") from None
+        raise ConfigError(f"'checkpointing.resume_from_checkpoint': {err}") from None
     if folder is None:
         return None
     marker = ckpt.verify(folder)
@@ -106,16 +106,16 @@ def check_resume(cfg: TrainConfig, info: ShardInfo, out: Path, world: int) -> Op
         raise ConfigError(f"'max_steps': {folder} is at step {step}, past max_steps={cfg.max_steps}; raise "
                           "max_steps to continue, resume=<an older checkpoint folder>, or pick a new output_dir")
     stored_path = out / "config.yaml"
-    if cfg.resume != "force" and stored_path.is_file():
+    if cfg.checkpointing.resume_from_checkpoint != "force" and stored_path.is_file():
         try:
-            stored = load_config(TrainConfig, stored_path)
+            stored = load_config(TrainConfig, stored_path, warn_renamed=False)  # an older release's names too
         except ConfigError as err:
-            raise ConfigError(f"{stored_path} (the stored run config) does not load: {err}; resume=force "
-                              "resumes anyway") from None
+            raise ConfigError(f"{stored_path} (the stored run config) does not load: {err}; "
+                              "--resume_from_checkpoint force resumes anyway") from None
         changes = config_changes(comparable(stored), comparable(cfg, info))
         if changes:
             shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
             raise ConfigError(f"{out} holds a run with another config ({shown}): rerun with its settings "
-                              f"({stored_path}), resume=force (--resume force) to continue it with these, or "
+                              f"({stored_path}), --resume_from_checkpoint force to continue it with these, or "
                               "pick a new output_dir")
     return folder

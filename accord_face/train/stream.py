@@ -31,10 +31,10 @@ class DataStream:
         self._ds = build_dataset(self.info.urls, resolution=c.resolution, embedding_key=self.info.embedding_key,
                                  shuffle_buffer=c.data.shuffle_buffer, seed=c.seed, epoch=self.epoch,
                                  resampled=c.data.resampled, random_flip=c.data.random_flip, skip=self.consumed,
-                                 skip_batch_size=c.data.micro_batch_size, embedding_dim=c.encoder.id_embed_dim,
+                                 skip_batch_size=c.train_batch_size, embedding_dim=c.encoder.id_embed_dim,
                                  face_crop_size=self.info.face_crop_size,
                                  pixels_uint8=True)  # to [-1, 1] on the device (prepare_batch): 4x less IPC
-        loader = DataLoader(self._ds, batch_size=c.data.micro_batch_size, collate_fn=collate,
+        loader = DataLoader(self._ds, batch_size=c.train_batch_size, collate_fn=collate,
                             num_workers=c.data.num_workers, drop_last=True)
         return iter(loader)
 
@@ -60,10 +60,10 @@ class DataStream:
         counts = ", ".join(f"{self.skipped.get(k, 0)} {k.replace('_', ' ')}(s)" for k in SKIP_KINDS)
         first = self._ds.stats.messages[0] if self._ds.stats.messages else "none logged in this process"
         raise DataError(f"rank {dist.get_rank()} of {dist.get_world_size()} got no complete batch of "
-                        f"{self.cfg.data.micro_batch_size} from its {len(mine)} of {len(self.info.urls)} shard(s) "
+                        f"{self.cfg.train_batch_size} from its {len(mine)} of {len(self.info.urls)} shard(s) "
                         f"({', '.join(os.path.basename(u) for u in mine[:4]) or 'none'}; skipped: {counts}; first "
                         f"problem: {first}): write more good shards (at least ranks x workers) or lower "
-                        "data.micro_batch_size")
+                        "train_batch_size")
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "skipped": dict(self.skipped)}

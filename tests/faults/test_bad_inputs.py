@@ -73,7 +73,8 @@ CASES = {
     "base model folder that is not a pipeline": (["pretrained_model=/tmp"], "no model_index.json"),
     "missing base model folder": (["pretrained_model=./models/nothing"], "models/nothing"),
     "hub id while offline": (["pretrained_model=someone/not-cached-model"], "HF_HUB_OFFLINE=1"),
-    "resume folder that does not exist": (["resume=/nonexistent/step-00000003"], "does not exist"),
+    "resume folder that does not exist": (["checkpointing.resume_from_checkpoint=/nonexistent/step-00000003"],
+                                   "does not exist"),
 }
 
 
@@ -94,18 +95,20 @@ def test_output_dir_under_a_file(shards, tmp_path, capsys):
 def test_another_config_in_the_output_folder_is_refused_and_its_config_kept(shards, tmp_path, capsys):
     out = _finished_run(tmp_path / "out", shards)
     stored = (out / "config.yaml").read_bytes()
-    line = _fail(capsys, [f"shards={shards}", f"output_dir={out}", "max_steps=4", "optim.lr=0.001", "seed=3"])
-    assert "holds a run with another config (optim.lr: 0.0001 -> 0.001; seed: 0 -> 3)" in line
-    assert "--resume force" in line and (out / "config.yaml").read_bytes() == stored
+    line = _fail(capsys, [f"shards={shards}", f"output_dir={out}", "max_steps=4", "optimizer.learning_rate=0.001",
+                          "seed=3"])
+    assert "holds a run with another config (optimizer.learning_rate: 0.0001 -> 0.001; seed: 0 -> 3)" in line
+    assert "--resume_from_checkpoint force" in line and (out / "config.yaml").read_bytes() == stored
     # the same config with a longer run and other logging is the same run
     from accord_face.train.config import preflight
     from accord_face.train.resume import check_resume
 
     cfg = load_config(TrainConfig, TINY, [f"shards={shards}", f"output_dir={out}", "max_steps=9",
-                                          "logging.every_n_steps=3", "validation.num_faces=1"])
+                                          "logging.logging_steps=3", "validation.num_faces=1"])
     assert check_resume(cfg, preflight(cfg), out, 1).name == "step-00000004"
     forced = load_config(TrainConfig, TINY, [f"shards={shards}", f"output_dir={out}", "max_steps=9",
-                                             "optim.lr=0.001", "resume=force"])
+                                             "optimizer.learning_rate=0.001",
+                                             "checkpointing.resume_from_checkpoint=force"])
     assert check_resume(forced, preflight(forced), out, 1).name == "step-00000004"
 
 

@@ -119,7 +119,7 @@ def test_prune_keeps_the_newest_complete_ones_and_removes_killed_saves(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003", "step-00000004", "step-00000005"]
     ckpt.prune(tmp_path, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004"]
-    assert ckpt.find_resume(tmp_path, "auto").name == "step-00000004"
+    assert ckpt.find_resume(tmp_path, "latest").name == "step-00000004"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ckpt.find_resume(tmp_path, str(tmp_path / "nope"))
 

@@ -96,7 +96,7 @@ def test_sigterm_checkpoints_and_stops_and_skip_counts_are_logged(setup):
     base, _, pipe = setup
     shards = _bad_shards(base / "bad_shards")
     out = base / "sigterm"
-    cmd = trainrun.command(pipe, shards, out, ["max_steps=200", "checkpoint.every_n_steps=0"])
+    cmd = trainrun.command(pipe, shards, out, ["max_steps=200", "checkpointing.checkpointing_steps=0"])
     proc = subprocess.Popen(cmd, env=trainrun.env(), cwd=trainrun.ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -123,7 +123,7 @@ def test_sigterm_checkpoints_and_stops_and_skip_counts_are_logged(setup):
     assert rows[-1]["data_bad_samples"] >= 2 and rows[-1]["data_empty_shards"] >= 1
     assert "faces-000004.tar key noimage" in stderr and "faces-000005.tar: no samples" in stderr
 
-    resumed = trainrun.run(pipe, shards, out, [f"max_steps={k + 1}", "checkpoint.every_n_steps=0"])
+    resumed = trainrun.run(pipe, shards, out, [f"max_steps={k + 1}", "checkpointing.checkpointing_steps=0"])
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {out / 'checkpoints' / f'step-{k:08d}'}" in resumed.stderr
     rows = trainrun.metrics(out)

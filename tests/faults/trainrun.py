@@ -11,10 +11,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 # 4 steps on 8 samples (4 shards x 2), no shuffle, checkpoint every step, tiny validation grid.
-FAST = ["max_steps=4", "data.micro_batch_size=2", "data.shuffle_buffer=0", "checkpoint.every_n_steps=1",
-        "checkpoint.keep_last=2", "validation.num_inference_steps=1", "validation.scales=[1.0]",
-        "validation.num_faces=1", "validation.prompts=['a photo of a person']", "logging.progress=false",
-        "optim.lr=0.001", "losses.lambda_pd=0.0"]
+FAST = ["max_steps=4", "train_batch_size=2", "data.shuffle_buffer=0", "checkpointing.checkpointing_steps=1",
+        "checkpointing.checkpoints_total_limit=2", "validation.num_inference_steps=1", "validation.scales=[1.0]",
+        "validation.num_faces=1", "validation.validation_prompts=['a photo of a person']", "logging.progress=false",
+        "optimizer.learning_rate=0.001", "losses.lambda_pd=0.0"]
 
 
 def env(**extra) -> dict:
