@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", help="LoRA folder (OUTPUT/lora) -> --format kohya (= comfyui)")
     p.add_argument("--format", required=True, choices=["comfyui", "kohya"], help="target layout")
     p.add_argument("--lora-rank", type=int, default=128, help="rank of the (zero) FaceID LoRA keys written into "
-                   "a 4-token comfyui file; tencent's IPAdapterFaceID(lora_rank=...) must match")
+                   "a 4-token comfyui file when no identity LoRA was trained (a trained one keeps its rank); "
+                   "tencent's IPAdapterFaceID(lora_rank=...) must match")
     p.add_argument("--out", help="output file (default: beside the diffusers file in the same folder)")
     p.set_defaults(func=cmd_export)
 
@@ -323,6 +324,11 @@ def cmd_export(args: argparse.Namespace) -> int:
             err = ExportError(f"{err}. {adapter_format_note(args.adapter)}")
         return _user_error("export", err)
     print(f"[export] {path}")
+    if args.adapter and (Path(args.adapter) / "pytorch_lora_weights.safetensors").is_file():
+        from .export_formats import comfyui_names
+
+        lora = path.parent / comfyui_names(False, "sdxl" in path.name)[1]
+        print(f"[export] {lora} (identity LoRA: ComfyUI/models/loras; {path.name}: ComfyUI/models/ipadapter)")
     return 0
 
 

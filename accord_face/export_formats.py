@@ -19,6 +19,17 @@ the flat ``image_proj.*`` / ``ip_adapter.*`` keys that both ComfyUI_IPAdapter_pl
   base model's attention); K = 16 files carry none (tencent's separate
   ``IPAdapterFaceID(num_tokens=16, n_cond=...)``). Other K load in neither.
 
+A trained identity LoRA (``pytorch_lora_weights.safetensors`` in the adapter folder) goes where
+each loader looks for it: into the ``ip_adapter.{i}.to_*_lora`` keys of the FaceID file (tencent's
+``IPAdapterFaceID`` applies them; ``i`` counts ``unet.attn_processors``: down, up, then mid blocks,
+``attn1`` before ``attn2``; the peft scale ``alpha / rank`` folded into ``up``, since those layers
+have no alpha), and into a separate kohya-layout ``accord-faceid_<sd15|sdxl>_lora.safetensors``:
+ComfyUI_IPAdapter_plus applies the FaceID LoRA from ComfyUI's ``models/loras`` as an ordinary
+LoRA, found by its unified loader with ``re.search("faceid.sd15.lora.safetensors$")`` once the
+ipadapter file matches ``"faceid.sd15.(safetensors|bin)$"`` (FaceID-Portrait:
+``"portrait.sd15.(safetensors|bin)$"``, no LoRA) -- hence the file names
+``accord-faceid_sd15.safetensors`` / ``accord-faceid-portrait_sd15.safetensors`` (``sdxl`` for SDXL).
+
 ``kohya`` for a LoRA: ``lora_unet_<module path with _>.lora_down.weight`` /
 ``.lora_up.weight`` / ``.alpha`` (text encoder: ``lora_te_``), the names ComfyUI's
 ``comfy/lora.py: model_lora_keys_unet`` and A1111 map onto the UNet. ``.alpha`` is a
@@ -43,14 +54,17 @@ import torch
 __all__ = ["EXPORT_FORMATS", "ExportError", "FaceIDShapes", "faceid_shapes", "ipadapter_problems",
            "ipadapter_config_problems", "faceid_ipadapter_state", "kohya_lora_state", "write_safetensors",
            "export_adapter_as", "export_lora_as", "adapter_format_note", "after_adapter_export",
-           "COMFYUI_FACEID_NAME", "COMFYUI_PORTRAIT_NAME", "KOHYA_NAME"]
+           "COMFYUI_FACEID_NAME", "COMFYUI_PORTRAIT_NAME", "COMFYUI_LORA_NAME", "KOHYA_NAME", "comfyui_names",
+           "identity_lora_for_ipadapter", "attention_order_key"]
 
 EXPORT_FORMATS = ("diffusers", "comfyui", "kohya")
 FACEID_ID_DIM = 512       # MLPProjModel(id_embeddings_dim=512) in both loaders
 FACEID_HIDDEN = 1024      # id_embeddings_dim * 2
 FACEID_TOKENS = (4, 16)   # FaceID (with LoRA keys) / FaceID-Portrait (without)
-COMFYUI_FACEID_NAME = "ip-adapter-faceid_accord.safetensors"
-COMFYUI_PORTRAIT_NAME = "ip-adapter-faceid-portrait_accord.safetensors"
+COMFYUI_FACEID_NAME = "accord-faceid_sd15.safetensors"            # SD1.5 names; comfyui_names() for SDXL
+COMFYUI_PORTRAIT_NAME = "accord-faceid-portrait_sd15.safetensors"
+COMFYUI_LORA_NAME = "accord-faceid_sd15_lora.safetensors"
+IDENTITY_LORA_NAME = "pytorch_lora_weights.safetensors"             # family.identity_lora.LORA_WEIGHTS
 KOHYA_NAME = "lora_kohya.safetensors"
 LORA_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 
@@ -100,8 +114,13 @@ def ipadapter_config_problems(id_dim: int, hidden: int, num_tokens: int, kind: s
 def after_adapter_export(adapter_dir: str | os.PathLike, fmt: str, log, lora_rank: int = 128) -> Optional[Path]:
     """The trainers' hook after each diffusers export: one line on where it loads, plus the ``fmt`` file."""
     path = export_adapter_as(adapter_dir, fmt, lora_rank=lora_rank)
-    log(f"exported {path} (ComfyUI_IPAdapter_plus / tencent IP-Adapter layout)" if path
-        else adapter_format_note(adapter_dir))
+    if not path:
+        log(adapter_format_note(adapter_dir))
+        return path
+    log(f"exported {path} (ComfyUI_IPAdapter_plus / tencent IP-Adapter layout: ComfyUI/models/ipadapter)")
+    lora = [p for p in path.parent.glob("accord-faceid_*_lora.safetensors")]
+    if lora and (Path(adapter_dir) / IDENTITY_LORA_NAME).is_file():
+        log(f"exported {lora[0]} (the identity LoRA for ComfyUI/models/loras; the unified FaceID loader applies it)")
     return path
 
 
@@ -167,6 +186,61 @@ def faceid_ipadapter_state(state: dict[str, torch.Tensor], lora_rank: int = 128,
     if unknown:
         raise ExportError(f"identity LoRA for processor indices {sorted(unknown)} that the adapter does not have")
     return dict(sorted(out.items()))
+
+
+def comfyui_names(portrait: bool, is_sdxl: bool) -> tuple[str, str]:
+    """(ipadapter file, FaceID LoRA file) named so ComfyUI_IPAdapter_plus's unified loader finds both."""
+    base = "sdxl" if is_sdxl else "sd15"
+    ip = f"accord-faceid-portrait_{base}.safetensors" if portrait else f"accord-faceid_{base}.safetensors"
+    return ip, f"accord-faceid_{base}_lora.safetensors"
+
+
+_IDENTITY_LORA_KEY = re.compile(r"unet\.(?P<attn>(?:down_blocks|up_blocks|mid_block)\..+\.attn[12])\."
+                                r"(?P<proj>to_q|to_k|to_v|to_out(?:\.0)?)\.lora\.(?P<kind>down|up)\.weight")
+_BLOCK_ORDER = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
+
+
+def attention_order_key(path: str) -> tuple:
+    """Sort key putting attention module paths in ``unet.attn_processors`` order (diffusers registers
+    ``down_blocks`` and ``up_blocks`` before ``mid_block``; inside, by the numeric indices, attn1 before attn2)."""
+    parts = path.split(".")
+    return _BLOCK_ORDER[parts[0]], tuple(int(p) for p in parts if p.isdigit()), parts[-1]
+
+
+def identity_lora_for_ipadapter(lora: dict[str, torch.Tensor], metadata: dict, shapes: FaceIDShapes
+                                ) -> tuple[int, dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+    """The adapter folder's identity LoRA (diffusers layout, peft metadata) -> (rank, {processor i: {proj: (down, up)}})
+    for ``faceid_ipadapter_state``:
+
+        up_i  =  (alpha / rank) * B        down_i  =  A        (tencent's LoRALinearLayer applies up @ down, no alpha)
+
+    i = the position of the attention module in ``unet.attn_processors`` order; every self- and cross-attention
+    layer of the adapter must be covered (else the indices would not line up)."""
+    by_module: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, value in lora.items():
+        m = _IDENTITY_LORA_KEY.fullmatch(key)
+        if not m:
+            raise ExportError(f"identity LoRA key {key!r} is not a UNet attention projection "
+                              "(unet.<block>...attn1|attn2.to_q|k|v|out.0.lora.down|up.weight)")
+        proj = m["proj"].removesuffix(".0")
+        by_module.setdefault(m["attn"], {}).setdefault(proj, {})[m["kind"]] = value
+    paths = sorted(by_module, key=attention_order_key)
+    need = 2 * len(shapes.hidden_sizes)
+    if len(paths) != need:
+        raise ExportError(f"the identity LoRA covers {len(paths)} attention layers, the adapter has {need}: "
+                          "ComfyUI/tencent index the FaceID LoRA by attention layer, so lora.targets must cover "
+                          "every self- and cross-attention (to_q / to_k / to_v / to_out.0)")
+    ranks = {int(p["down"].shape[0]) for projs in by_module.values() for p in projs.values()}
+    if len(ranks) != 1:
+        raise ExportError(f"the identity LoRA has several ranks {sorted(ranks)}; tencent's FaceID layers take one")
+    rank = ranks.pop()
+    out: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for index, path in enumerate(paths):
+        for proj, pair in by_module[path].items():
+            module = f"{path}.{proj}.0" if proj == "to_out" else f"{path}.{proj}"
+            scale = _peft_scale(metadata, "unet", module, rank)
+            out.setdefault(index, {})[proj] = (pair["down"].float(), pair["up"].float() * scale)
+    return rank, out
 
 
 # ----------------------------------------------------------------------------- kohya LoRA
@@ -255,18 +329,39 @@ def adapter_format_note(adapter_dir: str | os.PathLike) -> str:
 
 def export_adapter_as(adapter_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None,
                       lora_rank: int = 128) -> Optional[Path]:
-    """Write ``fmt`` beside the diffusers export of an identity adapter; returns the file (None for diffusers)."""
-    from .adapter import WEIGHT_NAME
+    """Write ``fmt`` beside the diffusers export of an identity adapter; returns the ipadapter file (None for
+    diffusers).
+
+    With a trained identity LoRA in the folder its rank replaces ``lora_rank``, its weights fill the FaceID
+    LoRA keys (4 tokens), and the kohya-layout LoRA file for ComfyUI's ``models/loras`` is written beside
+    the ipadapter file (``comfyui_names``)."""
+    from .adapter import CONFIG_NAME, WEIGHT_NAME
 
     if fmt == "diffusers":
         return None
     if fmt != "comfyui":
         raise ExportError(f"export format {fmt!r} is for LoRAs; an identity adapter exports as diffusers or comfyui")
-    state, _ = _read(Path(adapter_dir) / WEIGHT_NAME)
-    converted = faceid_ipadapter_state(state, lora_rank=lora_rank)
-    portrait = faceid_shapes(state).num_tokens == 16
-    target = Path(out) if out else Path(adapter_dir) / (COMFYUI_PORTRAIT_NAME if portrait else COMFYUI_FACEID_NAME)
-    note = "FaceID-Portrait, 16 tokens" if portrait else f"FaceID, 4 tokens, LoRA rank {lora_rank}"
+    folder = Path(adapter_dir)
+    state, _ = _read(folder / WEIGHT_NAME)
+    shapes = faceid_shapes(state)
+    portrait = shapes.num_tokens == 16
+    is_sdxl = bool(json.loads((folder / CONFIG_NAME).read_text()).get("is_sdxl")) \
+        if (folder / CONFIG_NAME).is_file() else False
+    ip_name, lora_name = comfyui_names(portrait, is_sdxl)
+    identity, lora_state, lora_meta = None, None, {}
+    if (folder / IDENTITY_LORA_NAME).is_file():
+        lora_state, raw = _read(folder / IDENTITY_LORA_NAME)
+        lora_meta = json.loads(raw.get("lora_adapter_metadata", "{}"))
+        if not ipadapter_problems(shapes) and not portrait:
+            lora_rank, identity = identity_lora_for_ipadapter(lora_state, lora_meta, shapes)
+    converted = faceid_ipadapter_state(state, lora_rank=lora_rank, identity_lora=identity)
+    target = Path(out) if out else folder / ip_name
+    if lora_state is not None:    # ComfyUI applies the FaceID LoRA from models/loras, as a kohya-layout LoRA
+        write_safetensors(target.parent / lora_name, kohya_lora_state(lora_state, lora_meta),
+                          {"ss_network_module": "networks.lora",
+                           "accord_face": json.dumps({"layout": "kohya", "role": "FaceID identity LoRA"})})
+    note = "FaceID-Portrait, 16 tokens" if portrait else \
+        f"FaceID, 4 tokens, LoRA rank {lora_rank}" + (" (trained identity LoRA)" if identity else " (zeros)")
     return write_safetensors(target, converted, {"accord_face": json.dumps({"layout": "ip-adapter-faceid",
                                                                             "variant": note})})
 
