@@ -159,6 +159,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
                 errors.append(str(err))
         raise ConfigError(f"{_where(key, source)}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and all(isinstance(a, str) for a in args):
+            # YAML 1.1 reads a bare no / off / yes / on as a boolean: mixed_precision: no means "no"
+            spelled = [a for a in (("yes", "on", "true") if value else ("no", "off", "false")) if a in args]
+            value = spelled[0] if spelled else value
         if value not in args:
             raise ConfigError(f"{_where(key, source)}: {value!r} is not one of {list(args)}")
         return value

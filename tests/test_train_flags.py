@@ -79,3 +79,12 @@ def test_accord_face_dispatches_the_trainers(capsys):
     assert "export_format (one of 'diffusers' | 'comfyui'" in capsys.readouterr().out
     assert main(["train-lora", "--output_dir"]) == 2
     assert "--output_dir needs a value" in capsys.readouterr().err
+
+
+def test_mixed_precision_no_stays_the_word_no():
+    """YAML 1.1 reads a bare ``no`` as false; ``--mixed_precision no`` (diffusers' spelling) must mean "no"."""
+    for cls, table in ((LoraTrainConfig, LORA_FLAGS), (TrainConfig, ENCODER_FLAGS)):
+        cfg = load_config(cls, None, flags_to_overrides(["--mixed_precision", "no"], table))
+        assert cfg.precision.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="True is not one of"):
+        load_config(TrainConfig, None, ["precision.mixed_precision=yes"])
