@@ -1,6 +1,7 @@
 """LoRA path: training changes the model, export reloads through diffusers, resume, loss terms."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,61 @@ def test_resume_from_newest_checkpoint_matches_uninterrupted_run(trained, tiny_p
     assert a.keys() == b.keys() and "token_embedding" in a
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_resume_with_warmup_and_accumulation_matches_uninterrupted_run(tiny_pipeline_dir, tmp_path):
+    """The learning rate during warm-up and the Adam moments come back from the accelerate state."""
+    extra = ["optimizer.lr_warmup_steps=2", "optimizer.gradient_accumulation_steps=2", "train_batch_size=1",
+             "optimizer.learning_rate=0.01", "checkpointing.checkpointing_steps=1", "validation.validation_steps=0"]
+    straight = train_lora(config(tiny_pipeline_dir, tmp_path / "straight", "max_steps=3", *extra), log=lambda *a: None)
+    train_lora(config(tiny_pipeline_dir, tmp_path / "cut", "max_steps=2", *extra), log=lambda *a: None)
+    resumed = train_lora(config(tiny_pipeline_dir, tmp_path / "cut", "max_steps=3", *extra), log=lambda *a: None)
+    assert resumed["start_step"] == 2 and straight["last"]["lr"] == resumed["last"]["lr"] == pytest.approx(0.01)
+    a, b = trainable_state(resumed["models"]), trainable_state(straight["models"])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["lr"] for r in rows] == pytest.approx([0.0, 0.005, 0.01])   # diffusers' constant_with_warmup
+
+
+def test_checkpoints_are_accelerate_states_kept_to_the_total_limit(tiny_pipeline_dir, tmp_path):
+    from accelerate import Accelerator
+
+    from accord_face.lora.checkpoints import load_checkpoint, register_hooks, save_checkpoint
+    from accord_face.lora.models import trainable_parameters
+
+    run = train_lora(config(tiny_pipeline_dir, tmp_path / "run", "max_steps=3", "checkpointing.checkpointing_steps=1",
+                            "checkpointing.checkpoints_total_limit=2", "textual_inversion.enabled=false"),
+                     log=lambda *a: None)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000003"]   # no temp folder left
+    newest = root / "step-00000003"
+    assert {"optimizer.bin", "random_states_0.pkl", "trainable.safetensors", "state.json"} <= \
+        {p.name for p in newest.iterdir()}
+    # load_state restores the weights (load hook), the optimizer and the RNG saved with them
+    models = run["models"]
+    saved = trainable_state(models)
+    accelerator = Accelerator(cpu=True)
+    optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(trainable_parameters(models, 1e-3, 1e-3, 0.0)))
+    register_hooks(accelerator, models)
+    with torch.no_grad():
+        for p in optimizer.param_groups[0]["params"]:
+            p.add_(1.0)
+    torch.manual_seed(12345)
+    assert load_checkpoint(accelerator, newest, models, optimizer)["step"] == 3
+    after = trainable_state(models)
+    for key in saved:
+        torch.testing.assert_close(after[key], saved[key], msg=key)
+    rng = torch.load(newest / "random_states_0.pkl", weights_only=False)["torch_manual_seed"]
+    assert torch.equal(torch.get_rng_state(), rng)
+    stored = torch.load(newest / "optimizer.bin", weights_only=False)
+    assert len(optimizer.state_dict()["state"]) == len(stored["state"]) > 0
+    first = next(iter(stored["state"]))
+    torch.testing.assert_close(optimizer.state_dict()["state"][first]["exp_avg"], stored["state"][first]["exp_avg"])
+    # a save prunes to the limit first, and the new folder appears whole
+    save_checkpoint(accelerator, root, 4, {"loss": 0.0}, total_limit=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000003", "step-00000004"]
 
 
 def test_two_processes_under_accelerate_launch_equal_one_process_with_twice_the_batch(tiny_pipeline_dir, tmp_path):
