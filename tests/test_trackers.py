@@ -78,3 +78,63 @@ def test_none_writes_nothing(tmp_path):
     t.log({"loss": 1.0}, 1)
     t.close()
     assert not (tmp_path / "logs").exists()
+
+
+STUB = '''"""A stand-in wandb: records init / log / finish as JSON lines in $WANDB_STUB_LOG."""
+import json, os
+def _rec(*a):
+    with open(os.environ["WANDB_STUB_LOG"], "a") as f:
+        f.write(json.dumps(a) + "\\n")
+class _Run:
+    def log(self, data, step): _rec("log", data, step)
+    def finish(self): _rec("finish")
+def init(**kw):
+    _rec("init", {k: kw[k] for k in ("id", "resume", "dir", "name")}, sorted(kw["config"]))
+    return _Run()
+'''
+
+
+def _train(pipe, shards, out, extra, **env):
+    import subprocess
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "faults"))
+    import trainrun
+
+    return subprocess.run(trainrun.command(pipe, shards, out, ["max_steps=2", "validation.enabled=false", *extra]),
+                          env=trainrun.env(**env), cwd=trainrun.ROOT, capture_output=True, text=True, timeout=900)
+
+
+def test_encoder_trainer_without_wandb_refuses_report_to_wandb_in_one_line(tiny_pipeline_dir, tmp_path):
+    from shards_util import write_shards
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    shards = write_shards(tmp_path / "shards", n_shards=2, per_shard=2)
+    refused = _train(tiny_pipeline_dir, shards, tmp_path / "none", ["--report_to", "wandb"])
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "pip install wandb" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "none" / "checkpoints").exists()
+
+
+@pytest.mark.heavy
+def test_encoder_trainer_reports_to_wandb(tiny_pipeline_dir, tmp_path):
+    """A 2-step tiny training with a stand-in wandb on PYTHONPATH (~40 s: pytest -m heavy)."""
+    import json
+
+    from shards_util import write_shards
+
+    shards = write_shards(tmp_path / "shards", n_shards=2, per_shard=2)
+    (tmp_path / "stub").mkdir()
+    (tmp_path / "stub" / "wandb.py").write_text(STUB)
+    log = tmp_path / "wandb.jsonl"
+    proc = _train(tiny_pipeline_dir, shards, tmp_path / "run", ["--report_to", "wandb", "logging.logging_steps=1"],
+                  PYTHONPATH=tmp_path / "stub", WANDB_STUB_LOG=log)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    calls = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert calls[0][0] == "init" and calls[0][1]["dir"] == str(tmp_path / "run" / "logs")
+    assert "logging" in calls[0][2] and "optimizer" in calls[0][2]          # the resolved config
+    logged = [c for c in calls if c[0] == "log"]
+    assert [c[2] for c in logged] == [1, 2] and "train/loss" in logged[0][1] and "train/dd" in logged[0][1]
+    assert calls[-1] == ["finish"]
+    assert not list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))

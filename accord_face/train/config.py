@@ -207,9 +207,6 @@ class TrainConfig:
     def validate(self) -> None:
         if self.max_steps < 1 or self.train_batch_size < 1:
             raise ValueError("max_steps and train_batch_size must be >= 1")
-        if self.logging.report_to == "wandb":
-            raise ValueError("logging.report_to=wandb: the encoder trainer writes tensorboard or none "
-                             "(OUTPUT/metrics.jsonl always)")
         if self.resolution % 8:
             raise ValueError(f"resolution {self.resolution} must be a multiple of 8")
         if self.export_format == "comfyui":

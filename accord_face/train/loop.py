@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .. import adapter, export_formats
 from ..quiet import phase
-from ..config import ConfigError, save_config
+from ..config import ConfigError, save_config, to_dict
 from ..data import build_dataset
 from ..fingerprint import base_fingerprint
 from ..tiny import resolve_pretrained
@@ -33,6 +33,7 @@ from .resume import check_pretrained, check_resume, resolved_shards
 from .models import build_model, clip_text_features, compute_dtype, load_frozen_parts, reference_fn
 from .step import compute_losses, prepare_batch
 from .stream import DataError, DataStream
+from .trackers import Trackers
 from .validation import sample_images, save_grid
 from ..family.trainer import (adapter_config_fields, attach_family_parts, face_crop_size, identity_lora_writer,
                               validation_clip)
@@ -336,10 +337,7 @@ def train(cfg: TrainConfig) -> dict:
     f_s = clip_text_features(parts, [cfg.losses.superclass_prompt], device)[0] if parts.clip is not None else None
     faces = _validation_faces(cfg, info, parts) if cfg.validation.enabled else None
 
-    writer = None
-    if rank == 0 and cfg.logging.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "logs"), purge_step=step + 1 if step else None)
+    trackers = Trackers(cfg.logging.report_to, out, step, config=to_dict(cfg)) if rank == 0 else None
     keys_log = open(out / f"samples-rank{rank}.jsonl", "a") if cfg.debug.log_sample_keys else None
     gas = cfg.optimizer.gradient_accumulation_steps
     global_batch = cfg.train_batch_size * gas * world
@@ -391,9 +389,8 @@ def train(cfg: TrainConfig) -> dict:
         if rank == 0:
             with open(metrics_path, "a") as fh:
                 fh.write(guard.json_line({"step": step, **stats}))
-            if writer and (step % cfg.logging.logging_steps == 0 or step == cfg.max_steps):
-                for k, v in stats.items():
-                    writer.add_scalar(f"train/{k}", v, step)
+            if trackers and (step % cfg.logging.logging_steps == 0 or step == cfg.max_steps):
+                trackers.log(stats, step)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", dd=f"{stats['dd']:.3g}", pd=f"{stats['pd']:.3g}",
                             sps=f"{stats['samples_per_s']:.1f}")
             bar.update(1)
@@ -417,8 +414,8 @@ def train(cfg: TrainConfig) -> dict:
     if stopped is None:
         _maybe_kill(cfg, "finish", step)
         _finish(engine, cfg, parts, info, faces, out, step, stream, device)
-    if writer:
-        writer.close()
+    if trackers:
+        trackers.close()
     if keys_log:
         keys_log.close()
     dist.barrier()
