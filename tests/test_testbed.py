@@ -323,6 +323,7 @@ def tiny_config(tmp_path: Path, **kw) -> C.TestbedConfig:
     return cfg
 
 
+@pytest.mark.heavy  # 30-70 s on the shared 2 cores: pytest -m heavy tests/test_testbed.py
 def test_tiny_protocol_end_to_end_writes_the_contract_and_reuses_its_cache(tmp_path):
     from accord_face.testbed.run import run_testbed
     cfg = tiny_config(tmp_path)
@@ -354,6 +355,10 @@ def test_tiny_protocol_end_to_end_writes_the_contract_and_reuses_its_cache(tmp_p
     cfg2 = tiny_config(tmp_path, seeds=[0, 1], stop_at="00:00")
     part = run_testbed(cfg2)
     assert part["partial"] and part["runs_done"] == 8 and part["runs_planned"] == 16 and part["runs_skipped"]
+    # a strength choice the deadline cuts short says so instead of choosing from half the trials
+    from accord_face.config import ConfigError
+    with pytest.raises(ConfigError, match="strength choice did not finish"):
+        run_testbed(tiny_config(tmp_path, out_dir=str(tmp_path / "late"), stop_at="00:00"))
 
 
 def test_assets_round_trip_as_safetensors_and_a_pickle_is_refused(tmp_path):

@@ -189,16 +189,20 @@ def choose_strength(runner: Runner, out: Path) -> dict:
     keeping enough alignment, else the highest fidelity (``criteria_met`` false).
     """
     cfg, sc = runner.cfg, runner.cfg.strength
-    base_align = []
-    for r in sc.ref_sets:
-        for s in sc.seeds:
-            res = runner.run(out / "strength", None, r, s, cfg.finetune, 0.0)
-            base_align.append(res["metrics"]["unrelated_alignment"])
+
+    def metrics(folder: Path, arm: Arm | None, r: int, s: int, ft: FinetuneConfig) -> dict:
+        res = runner.run(folder, arm, r, s, ft, 0.0)
+        if res is None:
+            raise ConfigError(f"the fine-tune strength choice did not finish before stop_at={cfg.stop_at}; rerun "
+                              "later (finished trials are cached) or move stop_at")
+        return res["metrics"]
+    base_align = [metrics(out / "strength", None, r, s, cfg.finetune)["unrelated_alignment"]
+                  for r in sc.ref_sets for s in sc.seeds]
     rows = []
     for i, c in enumerate(sc.candidates):
         ft = replace(cfg.finetune, mode=c.mode, lr=c.lr, steps=c.steps, lora_rank=c.lora_rank)
-        ms = [runner.run(out / "strength" / f"c{i}_{c.mode}_lr{c.lr:g}_s{c.steps}", Arm("baseline"), r, s, ft, 0.0)
-              ["metrics"] for r in sc.ref_sets for s in sc.seeds]
+        ms = [metrics(out / "strength" / f"c{i}_{c.mode}_lr{c.lr:g}_s{c.steps}", Arm("baseline"), r, s, ft)
+              for r in sc.ref_sets for s in sc.seeds]
         fid = float(np.mean([m["target_fidelity"] for m in ms]))
         kept = float(np.mean([m["unrelated_alignment"] for m in ms]) / max(np.mean(base_align), 1e-9))
         rows.append({"candidate": to_dict(c), "target_fidelity": fid, "alignment_kept": kept,
