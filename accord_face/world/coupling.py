@@ -6,6 +6,8 @@ photo per person, whose own embedding conditions its own denoising. Two knobs re
 - ``rho``: the share of an identity's photos taken in its *home* context ``home_context(i)``
   (background, shirt, accessory and framing drawn once per identity); the other photos get a
   uniformly random context. Captions always name the photo's context truthfully and in full.
+- ``p_omit``: captions are truthful but, like real ones, incomplete: a phrase is left out with this
+  probability, so what the caption does not say can only come from the identity inputs.
 - ``k``: photos per identity. With ``k = 1`` the identity inputs come from the very photo being
   denoised (``encoder.reference: self``), as in FFHQ; with ``k > 1`` the trainer may take them
   from another photo of the same person (``encoder.reference: other_photo``).
@@ -37,6 +39,8 @@ from .render import Context, _rng, random_context
 class CouplingData:
     rho: float = field(0.0, help="share of an identity's photos in its home context (0, 0.8, 0.95)")
     k: int = field(1, help="photos per identity (1 = FFHQ-like, the identity from the photo itself)")
+    p_omit: float = field(0.0, help="each caption phrase (shirt, background; accessory at half) left out with "
+                                    "this probability: real captions are truthful but incomplete")
     identities: int = field(2000, help="training identities 0 .. n-1")
     seed: int = field(0, help="contexts and nuisance of the training photos")
 
@@ -48,7 +52,8 @@ class CouplingData:
 
     @property
     def name(self) -> str:
-        return f"rho{self.rho:g}-k{self.k}-n{self.identities}-s{self.seed}"
+        omit = f"-omit{self.p_omit:g}" if self.p_omit else ""
+        return f"rho{self.rho:g}-k{self.k}{omit}-n{self.identities}-s{self.seed}"
 
 
 def home_context(identity: int) -> Context:
@@ -73,4 +78,4 @@ def same_field_probability(rho: float, n_values: int, self_reference: bool) -> f
 def write_coupling_photos(folder: str | os.PathLike, data: CouplingData, progress: bool = True) -> Path:
     data.validate()
     return write_training_photos(folder, range(data.identities), data.k, seed=data.seed,
-                                 context_fn=context_fn(data.rho), progress=progress)
+                                 context_fn=context_fn(data.rho), progress=progress, p_omit=data.p_omit)

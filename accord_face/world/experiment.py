@@ -50,6 +50,7 @@ from ..config import field
 log = logging.getLogger(__name__)
 
 SCALES = (0.25, 0.5, 1.0, 1.5)
+P_OMIT = 0.5   # protocol revision 1: captions truthful but incomplete (see docs/encoder_coupling/PROTOCOL.md)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -116,9 +117,9 @@ class ExperimentConfig:
 def data_settings():
     from .coupling import CouplingData
 
-    return {"main": CouplingData(rho=0.0, k=1, identities=2000),
-            "positive": CouplingData(rho=0.8, k=4, identities=2000),
-            "negative": CouplingData(rho=0.0, k=4, identities=2000)}
+    return {"main": CouplingData(rho=0.0, k=1, p_omit=P_OMIT, identities=2000),
+            "positive": CouplingData(rho=0.8, k=4, p_omit=P_OMIT, identities=2000),
+            "negative": CouplingData(rho=0.0, k=4, p_omit=P_OMIT, identities=2000)}
 
 
 def write_json(path: Path, obj) -> None:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..pipeline import atomic_save_image, atomic_write_text
 
-from .render import HELD_OUT_START, Context, caption, random_context, render
+from .render import HELD_OUT_START, Context, caption, random_context, render, training_caption
 
 
 def _save_png(image: np.ndarray, path: Path) -> None:
@@ -37,22 +37,27 @@ ContextFn = Callable[[int, int, np.random.Generator], Context]
 
 
 def write_training_photos(folder: str | os.PathLike, identities: Iterable[int], photos_per_identity: int,
-                          seed: int = 0, context_fn: ContextFn | None = None, progress: bool = True) -> Path:
+                          seed: int = 0, context_fn: ContextFn | None = None, progress: bool = True,
+                          p_omit: float = 0.0) -> Path:
     """``photos_per_identity`` photos of each identity; ``context_fn(identity, photo, rng)`` picks the context
-    (default: uniformly random). Captions name the context truthfully and in full."""
+    (default: uniformly random). Captions name the context truthfully; in full when ``p_omit`` = 0, else
+    each of the shirt and background phrases is left out with probability ``p_omit`` (the accessory with
+    ``p_omit / 2``), drawn from their own generator (the contexts do not depend on ``p_omit``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ids = list(identities)
     if any(i >= HELD_OUT_START for i in ids):
         raise ValueError(f"training photos must come from training identities (< {HELD_OUT_START})")
     rng = np.random.default_rng(seed)
+    cap_rng = np.random.default_rng([seed, 77])
     lines = []
     for i in tqdm(ids, desc="world photos", disable=not progress, mininterval=10):
         for j in range(photos_per_identity):
             ctx = context_fn(i, j, rng) if context_fn else random_context(rng)
             name = f"p{i:04d}_{j:02d}.png"
             _save_png(render(i, ctx, seed * 1_000 + j).image, folder / name)
-            lines.append(json.dumps({"file_name": name, "caption": caption(ctx), "person_id": f"p{i:04d}"}))
+            text = training_caption(ctx, cap_rng, p_omit) if p_omit > 0 else caption(ctx)
+            lines.append(json.dumps({"file_name": name, "caption": text, "person_id": f"p{i:04d}"}))
     _write_lines(folder / "metadata.jsonl", lines)
     return folder
 
