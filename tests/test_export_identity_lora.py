@@ -151,3 +151,18 @@ def test_export_command_names_both_files(tiny_pipeline_dir, tmp_path, capsys):
     assert main(["export", "--adapter", str(folder), "--format", "comfyui"]) == 0
     out = capsys.readouterr().out
     assert str(folder / COMFYUI_FACEID_NAME) in out and f"{folder / COMFYUI_LORA_NAME} (identity LoRA" in out
+
+
+def test_attention_order_matches_diffusers_on_an_sdxl_shaped_unet():
+    """SDXL-like layout (several transformer layers per block, more than 10 in one): the sort key puts the
+    paths in unet.attn_processors order, numeric indices compared as numbers."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(8, 16, 32), layers_per_block=2, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 11), cross_attention_dim=8, attention_head_dim=2)
+    paths = [n.removesuffix(".processor") for n in unet.attn_processors]
+    assert any(".transformer_blocks.10." in p for p in paths)
+    assert sorted(reversed(paths), key=attention_order_key) == paths

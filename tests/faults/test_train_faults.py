@@ -1,7 +1,7 @@
 """The trainer under faults, end to end (the short subset of the suite that runs by default; the seeded
 kill -9 schedules are in test_kill_trials.py, marked soak):
 
-  ref      uninterrupted 4-step run, started while port 29500 is taken (a lone process picks a free one)
+  ref      uninterrupted 4-step run, started while port 29500 is taken (a lone process needs no port)
   export   killed (SIGKILL) after the step-2 adapter was written but before it was swapped in, then resumed:
            the adapter on disk stayed loadable, the final one equals ref's, no duplicate metric rows,
            temp folders cleaned, keep_last respected, no incomplete checkpoint left
