@@ -3,7 +3,7 @@
 A checkpoint is ``OUTPUT/checkpoints/step-00000042/`` written by
 ``engine.save_checkpoint`` (every rank writes its part). Only after every rank
 has finished does rank 0 write ``COMPLETE`` (temp name + rename), holding the
-size and sha256 of every file in the folder. ``--resume auto`` only considers
+size and sha256 of every file in the folder. ``resume_from_checkpoint=latest`` only considers
 folders holding that marker, so a run killed mid-save is never resumed from a
 half-written checkpoint, and a file changed after the save is refused before
 DeepSpeed opens it.
