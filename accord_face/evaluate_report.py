@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .pipeline import atomic_save_image, atomic_write_text, make_grid
+from .pipeline import atomic_save_image, atomic_write_bytes, atomic_write_text, make_grid
 
 CSV_COLUMNS = ["identity", "prompt_index", "prompt", "scale", "seed", "image", "face_found",
                "identity_similarity", "clip_t"]
@@ -101,11 +101,10 @@ def plot_tradeoff_runs(results: dict[str, dict], path: Path) -> None:
     if len(results) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(Path(path), buf.getvalue())   # the records' one writer (disk full: old file kept)
 
 
 def render_report(result: dict) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from test_pipeline_helpers import export_test_adapter, grace_hopper  # noqa: E40
 import accord_face.pipeline as pipeline  # noqa: E402
 from accord_face.cli import main  # noqa: E402
 
-RECORDS = ("samples.jsonl", "metrics.json", "samples.csv", "report.md", "grid_grace.png", "settings.json")
+RECORDS = ("samples.jsonl", "metrics.json", "samples.csv", "report.md", "grid_grace.png", "settings.json",
+           "tradeoff.png", "grid_eileen.png")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,8 @@ def _no_temp_files(out: Path) -> bool:
 
 
 @pytest.mark.parametrize("target, code", [("metrics.json", errno.ENOSPC), ("grid_grace.png", errno.EFBIG),
-                                          ("samples.csv", errno.ENOSPC), ("settings.json", errno.ENOSPC)])
+                                          ("samples.csv", errno.ENOSPC), ("settings.json", errno.ENOSPC),
+                                          ("tradeoff.png", errno.ENOSPC)])
 def test_full_disk_while_rewriting_records_keeps_the_complete_ones(inputs, tmp_path, monkeypatch, capsys,
                                                                    target, code):
     out = tmp_path / "eval"
@@ -135,3 +139,30 @@ def test_a_bug_is_not_dressed_up_as_a_disk_error(monkeypatch):
 
     assert disk_error(OSError(errno.EBADF, "Bad file descriptor", "x")) is None
     assert "x: the disk quota is exceeded" in disk_error(OSError(errno.EDQUOT, "Disk quota exceeded", "x"))
+
+
+@pytest.mark.heavy
+def test_a_real_ulimit_f_is_one_line_and_keeps_the_complete_records(inputs, tmp_path):
+    """RLIMIT_FSIZE below the grid's size in a subprocess (Python ignores SIGXFSZ, so the write gets EFBIG);
+    three evaluate processes, about a minute: pytest -m heavy."""
+    import resource
+    import subprocess
+
+    out = tmp_path / "eval"
+    argv = [sys.executable, "-m", "accord_face.cli"] + _evaluate(inputs, out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    assert subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600).returncode == 0
+    before = _snapshot(out)
+    limit = (out / "grid_grace.png").stat().st_size // 2
+    assert max(len(v) for k, v in before.items() if k.endswith((".json", ".jsonl"))) < limit, "test premise"
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, preexec_fn=small_files)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("accord-face evaluate: error:") and "larger than allowed (ulimit -f?)" in line, line
+    assert re.search(rf"{re.escape(str(out))}/(grid_\w+|tradeoff)\.png: ", line), line   # the first png over the limit
+    assert _snapshot(out) == before and _no_temp_files(out)
+    assert subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600).returncode == 0
