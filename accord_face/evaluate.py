@@ -134,7 +134,6 @@ def check_evaluate_inputs(cfg: EvaluateConfig) -> None:
     from . import checks
 
     checks.check_adapter_dir(cfg.adapter)
-    check_adapter_files(cfg.adapter)
     checks.check_folder(cfg.faces, "--faces", "a folder with one sub-folder (or one photo) per identity")
     checks.check_file(cfg.prompts, "--prompts", "a text file with one prompt per line")
     if cfg.shards and not any(c in cfg.shards for c in "*?{,"):   # a folder (globs / brace lists go as they are)
@@ -146,6 +145,7 @@ def check_evaluate_inputs(cfg: EvaluateConfig) -> None:
         checks.check_hub_reachable(cfg.clip_model, "--clip-model", probe="config.json")
     if cfg.text_projection:
         checks.check_hub_reachable(cfg.text_projection, "--text-projection", probe="config.json")
+    check_adapter_files(cfg.adapter)   # the weight files are whole and as exported
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:

@@ -454,10 +454,8 @@ def check_generate_inputs(cfg: GenerateConfig) -> None:
 
     if cfg.adapter:
         checks.check_adapter_dir(cfg.adapter)
-        check_adapter_files(cfg.adapter)
     if cfg.lora:
         checks.check_lora_dir(cfg.lora)
-        check_lora_files(cfg.lora)
     for photo in cfg.faces:
         checks.check_photo(photo, "--face", IMAGE_SUFFIXES)
     checks.check_device(cfg.device)
@@ -468,6 +466,11 @@ def check_generate_inputs(cfg: GenerateConfig) -> None:
         local = rec.get("base_model_path")
         if not (local and Path(local).is_dir()):
             checks.check_hub_reachable(rec.get("base_model") or "", "the adapter's base model (--pretrained)")
+    # Last of the cheap checks (after the path mistakes): the weight files are whole and as exported.
+    if cfg.adapter:
+        check_adapter_files(cfg.adapter)
+    if cfg.lora:
+        check_lora_files(cfg.lora)
 
 
 def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
