@@ -59,8 +59,8 @@ def base_fingerprint(name: str, path: Optional[str], unet: torch.nn.Module) -> d
 
 
 def describe_base(fp: dict[str, Any]) -> str:
-    folder = fp.get("folder")
-    return repr(fp.get("name")) + (f" (folder {folder})" if folder and folder != fp.get("name") else "")
+    name, folder = str(fp.get("name")), fp.get("folder")
+    return repr(name) + (f" (folder {folder})" if folder and not name.rstrip("/").endswith(folder) else "")
 
 
 def fingerprint_difference(recorded: dict[str, Any], current: dict[str, Any]) -> Optional[str]:
