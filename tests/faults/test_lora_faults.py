@@ -5,6 +5,8 @@
   config    an output folder holding a LoRA run with another config is refused before any model loads (one
             line naming the keys, exit 2, the stored config kept); the same run (longer, other validation)
             resumes; --resume_from_checkpoint force continues it with the new settings
+  save      a checkpoint save cut short (ENOSPC): accelerate's own folder is left unloadable, the trainer's
+            leaves no folder and the previous checkpoint the newest
 
 The refusal runs by default (nothing trains); the runs that train are marked heavy (pytest -m heavy).
 """
@@ -159,3 +161,41 @@ def test_an_output_folder_with_another_lora_run_is_refused_unless_it_is_the_same
     assert forced.returncode == 0, forced.stderr[-4000:]
     assert "(step 3)" in forced.stdout + forced.stderr
     assert "learning_rate: 0.5" in (out / "config.yaml").read_text()       # the run now has the new settings
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_newest(tmp_path, monkeypatch):
+    """Why the LoRA trainer wraps ``save_state``: accelerate alone writes into the final folder, so a save cut
+    short (disk full, kill) leaves a folder that looks like the newest checkpoint and does not load."""
+    import errno
+
+    from accelerate import Accelerator
+
+    from accord_face.lora.checkpoints import list_checkpoints, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = accelerator.prepare_optimizer(torch.optim.AdamW([weight], lr=0.1))
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    root = tmp_path / "checkpoints"
+    save_checkpoint(accelerator, root, 1, {"loss": 1.0})
+
+    real_save = torch.save
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    bare = tmp_path / "bare" / "step-00000002"
+    with pytest.raises(OSError):
+        accelerator.save_state(str(bare))
+    with pytest.raises(OSError):
+        save_checkpoint(accelerator, root, 2, {"loss": 1.0})
+    monkeypatch.setattr(torch, "save", real_save)
+
+    assert bare.is_dir()                                                    # accelerate: a folder is there ...
+    with pytest.raises(Exception):
+        accelerator.load_state(str(bare))                                   # ... and it does not load
+    assert [p.name for p in root.iterdir()] == ["step-00000001"]            # ours: no new folder, no temp left
+    assert [p.name for p in list_checkpoints(root)] == ["step-00000001"]
+    accelerator.load_state(str(root / "step-00000001"))
