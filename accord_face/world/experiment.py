@@ -188,7 +188,7 @@ def _env(cfg: ExperimentConfig) -> dict:
 
 
 def train_run(cfg: ExperimentConfig, run_dir: Path, shards: Path, overrides: list[str], seed: int, port: int) -> Path:
-    """The main job under the deepspeed launcher; resumes a killed run (``resume=auto``)."""
+    """The main job under the deepspeed launcher; resumes a killed run (``resume_from_checkpoint=latest``)."""
     adapter = run_dir / "train" / "adapter"
     done = adapter / "adapter_config.json"
     if done.is_file() and json.loads(done.read_text()).get("train_steps") == cfg.steps:
