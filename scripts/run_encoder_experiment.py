@@ -38,11 +38,9 @@ def main() -> None:
     except ValueError as err:
         print(f"run_encoder_experiment: {err}", file=sys.stderr)
         sys.exit(2)
-    from accord_face.world.analysis import write_plot, write_table
+    from accord_face.world.experiment import write_outputs
 
-    (out / "results.md").write_text(write_table(results) + "\n")
-    write_plot(results, out / "curves.png")
-    print(write_table(results))
+    print(write_outputs(cfg, results))
 
 
 if __name__ == "__main__":

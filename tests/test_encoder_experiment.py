@@ -80,7 +80,8 @@ def test_archive_round_trip_keeps_finished_runs_only(tmp_path):
     unfinished.mkdir(parents=True)
     (unfinished / "run.json").write_text("x")
     assert sync_archive(out, arch, restore=False) == 3
-    assert not (arch / "runs" / "dd-abc").exists() and not (arch / "runs/baseline-abc/seed0/train/adapter.bin").exists()
+    assert not (arch / "runs" / "dd-abc").exists() and not list(arch.rglob("adapter.bin*"))
+    assert (arch / "runs/baseline-abc/seed0/records.jsonl.gz").is_file()
     fresh = tmp_path / "fresh"
     assert sync_archive(fresh, arch, restore=True) == 3
     assert (fresh / "runs/baseline-abc/seed0/records.jsonl").read_text() == "x"

@@ -231,3 +231,38 @@ def write_table(results: dict) -> str:
                      f"{ci(e['coupling_rate'])} | {ci(p.get('alignment_gap'))} | {ci(p.get('coupling_gap'))} | "
                      f"{pw_s} |")
     return "\n".join(lines)
+
+
+def write_sample_grid(out: Path, run_dirs: dict[str, Path], path: Path, identities: int = 6) -> Optional[Path]:
+    """Rows: held-out identities (prompt 0); columns: reference | base | each arm at each scale.
+
+    ``run_dirs``: {label: run folder holding eval/images/s<scale>/...}; the base images come from out/base."""
+    from PIL import Image, ImageDraw
+
+    from .experiment import SCALES
+
+    refs_file = out / "references" / "references.json"
+    if not refs_file.is_file():
+        return None
+    refs = json.loads(refs_file.read_text())
+    names = sorted(refs)[:identities]
+    prompts = {r["identity"]: r["prompt"] for r in _read(out / "base" / "records.jsonl") if r["prompt_index"] == 0}
+    cols = [("reference", lambda n: out / "references" / refs[n]["file"]),
+            ("base", lambda n: out / "base" / "eval" / "images" / "base" / f"{n}_p0.png")]
+    for label, d in run_dirs.items():
+        for s in SCALES:
+            cols.append((f"{label} {s:g}", lambda n, d=d, s=s: d / "eval" / "images" / f"s{s:g}" / f"{n}_p0.png"))
+    cell, head = 96, 14
+    grid = Image.new("RGB", (len(cols) * cell, head + len(names) * (cell + head)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, (label, _) in enumerate(cols):
+        draw.text((c * cell + 2, 1), label[:16], fill="black")
+    for r, n in enumerate(names):
+        y = head + r * (cell + head)
+        for c, (_, where) in enumerate(cols):
+            f = where(n)
+            if f.is_file():
+                grid.paste(Image.open(f).convert("RGB").resize((cell, cell), Image.NEAREST), (c * cell, y))
+        draw.text((2, y + cell), prompts.get(n, "")[:110], fill="black")
+    grid.save(path)
+    return path

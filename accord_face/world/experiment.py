@@ -228,24 +228,25 @@ ARCHIVED = ("run.json", "records.jsonl", "train/metrics.jsonl")
 
 
 def sync_archive(out: Path, archive: Path, restore: bool) -> int:
-    """Copy the small per-run files between the working folder and the committed archive.
+    """Copy the small per-run files between the working folder and the committed archive (gzip there).
 
     restore=True: archive -> out, files the working folder lacks; False: out -> archive (finished runs
     only: a run's files are archived once its records.jsonl exists). Returns the number of files copied."""
-    import shutil
+    import gzip
 
     if restore:
-        pairs = [(f, out / f.relative_to(archive)) for f in sorted(archive.rglob("*")) if f.is_file()]
+        pairs = [(f, out / f.relative_to(archive).with_suffix("")) for f in sorted(archive.rglob("*.gz"))]
         pairs = [(a, b) for a, b in pairs if not b.exists()]
     else:
         files = [out / "calibration.json", out / "base" / "records.jsonl"]
         for rec in sorted(out.glob("runs/*/seed*/records.jsonl")):
             files += [rec.parent / name for name in ARCHIVED]
-        pairs = [(f, archive / f.relative_to(out)) for f in files if f.is_file()]
+        pairs = [(f, archive / f"{f.relative_to(out)}.gz") for f in files if f.is_file()]
     for a, b in pairs:
         b.parent.mkdir(parents=True, exist_ok=True)
         tmp = b.with_name(f".{b.name}.tmp")
-        shutil.copyfile(a, tmp)
+        data = a.read_bytes()
+        tmp.write_bytes(gzip.decompress(data) if restore else gzip.compress(data, mtime=0))
         tmp.replace(b)
     return len(pairs)
 
@@ -297,3 +298,30 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     results = analyze(out, calib)
     write_json(out / "results.json", results)
     return results
+
+
+def write_outputs(cfg: ExperimentConfig, results: dict) -> str:
+    """results.md, curves.png and a sample grid (seed 0 of baseline and up to two other arms) in ``out``,
+    copied with results.json into the archive. Returns the Markdown table."""
+    import shutil
+
+    from .analysis import write_plot, write_sample_grid, write_table
+
+    out = Path(cfg.out)
+    table = write_table(results)
+    (out / "results.md").write_text(table + "\n")
+    write_plot(results, out / "curves.png")
+    runs = {}
+    for arm in ["baseline"] + [a for a in cfg.arms if a != "baseline"]:
+        found = sorted(out.glob(f"runs/{arm}-*/seed0/records.jsonl"))
+        if found and len(runs) < 3:
+            runs[arm] = found[-1].parent
+    if runs:
+        write_sample_grid(out, runs, out / "samples.png")
+    if cfg.archive:
+        archive = REPO / cfg.archive
+        archive.mkdir(parents=True, exist_ok=True)
+        for name in ("results.json", "results.md", "curves.png", "samples.png"):
+            if (out / name).is_file():
+                shutil.copyfile(out / name, archive / name)
+    return table
