@@ -142,6 +142,11 @@ def analyze(out: Path, calibration: Optional[dict] = None, reps: int = 1000) -> 
                 paired[g] = {"mean_diff": stat(xa, ya, xb, yb),
                              "ci95": stats.hierarchical_bootstrap(stat, [xa, ya, xb, yb], reps=reps),
                              "per_run": per_run}
+                if paired[g]["mean_diff"] is None:
+                    lo_a, hi_a = np.nanmin(np.nanmean(xa, (0, 1))), np.nanmax(np.nanmean(xa, (0, 1)))
+                    lo_b, hi_b = np.nanmin(np.nanmean(xb, (0, 1))), np.nanmax(np.nanmean(xb, (0, 1)))
+                    paired[g]["note"] = (f"identity ranges do not overlap (arm {lo_a:.3f}-{hi_a:.3f}, baseline "
+                                         f"{lo_b:.3f}-{hi_b:.3f}): compare the curves directly")
             d_coupling = np.nanmean(A["coupling_rate"] - B["coupling_rate"], axis=2)          # (S, I)
             paired["seeds"] = common
             res["arms"][arm]["paired_vs_baseline"] = paired
@@ -216,6 +221,8 @@ def write_plot(results: dict, path: Path) -> Optional[Path]:
 def write_table(results: dict) -> str:
     """Markdown: per arm the headline metrics at scale 1 and the paired gaps to baseline."""
     def ci(e):
+        if e and e.get("note") and e.get("mean_diff") is None:
+            return "no common identity range"
         if not e or e.get("mean", e.get("mean_diff")) is None:
             return "n/a"
         v = e.get("mean", e.get("mean_diff"))
