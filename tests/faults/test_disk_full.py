@@ -90,7 +90,7 @@ class Stream:
     def position(self): return {"epoch": 0, "consumed": 2, "skipped": {}}
 
 class Cfg:
-    class checkpoint: keep_last = 2
+    class checkpointing: checkpoints_total_limit = 2
     class debug: kill_at = None
 
 class Engine:
