@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 import types
 
 import pytest
@@ -20,6 +21,10 @@ def test_tensorboard_events_read_back_and_a_resume_purges_replayed_steps(tmp_pat
     for step in (1, 2, 3):
         t.log({"loss": 1.0 / step, "note": "text is not a scalar"}, step)
     t.close()
+    # TensorBoard reads event files in name order, and the name starts with the creation second: a real resume
+    # is a later process, so its file sorts after the killed run's; within one second, the writer counter in the
+    # name decides, and in a long test session it can sort "10" before "9". Start the resumed writer a second on.
+    time.sleep(1.05)
     resumed = Trackers("tensorboard", tmp_path, step=1)      # killed after 3, resumed from the step-1 checkpoint
     resumed.log({"loss": 0.25}, 2)
     resumed.close()
