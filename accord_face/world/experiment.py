@@ -266,35 +266,35 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                                        "data": {k: dataclasses.asdict(v) for k, v in data_settings().items()},
                                        "scales": SCALES, "pilot": PILOT, "config": dataclasses.asdict(cfg)})
     calib = json.loads((out / "calibration.json").read_text()) if (out / "calibration.json").is_file() else None
+    port = iter(range(cfg.port, cfg.port + 10_000))    # one rendezvous port per training run
+
+    def run_one(name: str, seed: int) -> Path:
+        """Train, evaluate and archive one (arm, seed); a finished run (here or restored) is reused."""
+        arm = ARMS[name]
+        overrides = resolve_overrides(arm, calib)
+        run_dir = out / "runs" / run_key(name, arm, overrides, cfg) / f"seed{seed}"
+        write_json(run_dir / "run.json", {"arm": name, "seed": seed, "overrides": overrides,
+                                          "data": dataclasses.asdict(data_settings()[arm.data]), "steps": cfg.steps})
+        log.info("run %s seed %d: %s", name, seed, " ".join(overrides))
+        if (run_dir / "records.jsonl").is_file():
+            return run_dir
+        adapter = train_run(cfg, run_dir, ensure_shards(out, arm.data), overrides, seed, next(port))
+        if not (out / "base" / "records.jsonl").is_file():   # scale 0 = the base model, same noise
+            eval_run(cfg, out, out / "base", adapter, {"base": 0.0})
+        eval_run(cfg, out, run_dir, adapter, {f"s{s:g}": s for s in SCALES})
+        if archive:
+            sync_archive(out, archive, restore=False)
+        return run_dir
+
     if not cfg.analyze_only:
-        # the baseline's seed 0 first: the lambda calibration is taken at its adapter
-        order = ["baseline"] + [a for a in cfg.arms if a != "baseline"]
-        port = cfg.port
+        needs_dose = any(ARMS[a].dd_ratio is not None or ARMS[a].pd_ratio is not None for a in cfg.arms)
+        if needs_dose and calib is None:     # the lambda calibration is taken at the seed-0 baseline's adapter
+            base = run_one("baseline", 0)
+            calib = calibrate(cfg, out, base / "train" / "adapter", ensure_shards(out, "main"))
+        order = ["baseline"] + [a for a in cfg.arms if a != "baseline"] if "baseline" in cfg.arms else cfg.arms
         for seed in cfg.seeds:
             for name in order:
-                if name not in cfg.arms and not (name == "baseline" and calib is None):
-                    continue
-                arm = ARMS[name]
-                shards = ensure_shards(out, arm.data)
-                if (arm.dd_ratio is not None or arm.pd_ratio is not None) and calib is None:
-                    base = out / "runs" / run_key("baseline", ARMS["baseline"], list(NO_ACCORD), cfg) / "seed0"
-                    adapter = train_run(cfg, base, ensure_shards(out, "main"), list(NO_ACCORD), 0, port)
-                    calib = calibrate(cfg, out, adapter, ensure_shards(out, "main"))
-                overrides = resolve_overrides(arm, calib)
-                run_dir = out / "runs" / run_key(name, arm, overrides, cfg) / f"seed{seed}"
-                write_json(run_dir / "run.json", {"arm": name, "seed": seed, "overrides": overrides,
-                                                  "data": dataclasses.asdict(data_settings()[arm.data]),
-                                                  "steps": cfg.steps})
-                log.info("run %s seed %d: %s", name, seed, " ".join(overrides))
-                if (run_dir / "records.jsonl").is_file():
-                    continue                                    # finished (here or restored from the archive)
-                adapter = train_run(cfg, run_dir, shards, overrides, seed, port)
-                port += 1
-                if not (out / "base" / "records.jsonl").is_file():   # scale 0 = the base model, same noise
-                    eval_run(cfg, out, out / "base", adapter, {"base": 0.0})
-                eval_run(cfg, out, run_dir, adapter, {f"s{s:g}": s for s in SCALES})
-                if archive:
-                    sync_archive(out, archive, restore=False)
+                run_one(name, seed)
     results = analyze(out, calib)
     write_json(out / "results.json", results)
     return results
