@@ -96,6 +96,9 @@ class PowerConfig:
 @dataclass
 class TestbedConfig:
     out_dir: str = field("testbed_out", help="results, logs and plots land here")
+    archive: str = field("docs/testbed/archive", help="committed gzip copy of finished runs, strength choice and "
+                                                      "calibration; restored on start, so a fresh checkout "
+                                                      "resumes ('' = none)")
     cache_dir: str = field("testbed_out/cache", help="base model / judge / class-image cache (reused across runs)")
     base: BaseModelConfig = field(default_factory=BaseModelConfig, help="base model training")
     judge: JudgeConfig = field(default_factory=JudgeConfig, help="judge training")

@@ -92,6 +92,13 @@ class Runner:
         self.durations: dict[str, float] = {}
         self.skipped: list[str] = []
 
+    def archive_files(self, *paths: Path) -> None:
+        """Gzip finished results into the committed archive (``cfg.archive``): a fresh checkout resumes."""
+        if self.cfg.archive:
+            from accord_face import archive
+
+            archive.save(Path(self.cfg.out_dir), Path(self.cfg.archive), paths)
+
     def refs(self, r: int, varied: bool = False):
         if (r, varied) not in self.refsets:
             self.refsets[(r, varied)] = reference_set(r, self.cfg.finetune.n_refs, varied)
@@ -120,12 +127,17 @@ class Runner:
                          None if arm is None else (to_dict(arm), to_dict(ft), round(lam, 8)))
         if path.exists():
             res = json.loads(path.read_text())
-            if res.get("key") == key:
-                if res.get("judge") != self.judge_id:  # judged by another judge: re-judge the stored images
+            stale_judge = res.get("judge") != self.judge_id
+            if res.get("key") == key and stale_judge and not path.with_suffix(".npz").exists():
+                log.info("%s was judged by %s and its images are not here (restored from the archive): rerunning it",
+                         path.name, res.get("judge"))
+            elif res.get("key") == key:
+                if stale_judge:  # judged by another judge: re-judge the stored images
                     res["metrics"], _ = score_images(load_run_images(path), self.judge, CONTEXTS[r],
                                                      ev.images_per_prompt, ev.unrelated_prompts, cfg.judge.threshold)
                     res["judge"] = self.judge_id
                     write_json(res, path)
+                self.archive_files(path)
                 return res
             log.info("%s was made with another config: rerunning it", path.name)
         if self.deadline is not None:
@@ -160,6 +172,7 @@ class Runner:
                "delta_by_quartile": {q: {"first": _tail_mean(v, 0.2, False), "last": _tail_mean(v, 0.2, True)}
                                      for q, v in logs.get("delta_by_quartile", {}).items()}}
         write_json(res, path)
+        self.archive_files(path)
         self.durations[name] = res["seconds"]
         log.info("%s ref%d seed%d: %s (%.0fs)", name, r, seed,
                  {k: round(v, 3) for k, v in means.items() if k in RATES}, res["seconds"])
@@ -227,6 +240,12 @@ def run_testbed(cfg: TestbedConfig) -> dict:
     (out / "samples").mkdir(exist_ok=True)
     torch.set_num_threads(cfg.threads)
     ev = cfg.eval
+    if cfg.archive:
+        from accord_face import archive
+
+        if archive.ignored_by_git(Path(cfg.archive) / "runs" / "x.json.gz"):
+            log.warning("%s is ignored by git: its archived runs would not be committed (fix .gitignore)", cfg.archive)
+        log.info("restored %d files of finished work from %s", archive.restore(out, Path(cfg.archive)), cfg.archive)
 
     if cfg.use_assets:
         restore_assets(cfg, cache)
@@ -239,6 +258,7 @@ def run_testbed(cfg: TestbedConfig) -> dict:
     log.info("base-model prompt accuracy: %s", base_acc)
 
     runner = Runner(cfg, base, judge, judge_id, cache)
+    runner.archive_files(out / f"base_prompt_accuracy_judge_{judge_id}.json")
     for r in cfg.ref_sets:
         save_grid(runner.refs(r).images, [f"ref{r}"] * cfg.finetune.n_refs, out / "samples" / f"references_{r}.png")
 
@@ -250,6 +270,7 @@ def run_testbed(cfg: TestbedConfig) -> dict:
                                key=config_key(to_dict(cfg.strength), to_dict(cfg.finetune), to_dict(ev)))
         c = cfg.strength.candidates[strength["chosen"]]
         ft = replace(ft, mode=c.mode, lr=c.lr, steps=c.steps, lora_rank=c.lora_rank)
+        runner.archive_files(out / "strength.json")
         log.info("fine-tune strength: %s (criteria met: %s)", to_dict(c), strength["criteria_met"])
 
     # 2. lambda calibration on the trainable parameters, one file per reference set (parallel-safe)
@@ -262,6 +283,7 @@ def run_testbed(cfg: TestbedConfig) -> dict:
             return {kind: calibrate_lambda(base, replace(arms[a], ratio=1.0), runner.refs(r), ft)
                     for kind, a in kinds.items()}
         calib[r] = cached_json(out / f"calibration_ref{r}.json", calibrate, key=config_key(to_dict(ft), sorted(kinds)))
+        runner.archive_files(out / f"calibration_ref{r}.json")
     if cfg.prepare_only:
         log.info("prepare_only: base model, judge, strength and calibration are ready")
         return {"prepared": True}
@@ -282,7 +304,26 @@ def run_testbed(cfg: TestbedConfig) -> dict:
     write_json(results, out / "results.json")
     write_table(results, out / "table.md")
     write_plot(results, out / "coupling_vs_fidelity.png")
+    if cfg.archive:
+        publish(out, Path(cfg.archive).parent, results)
     return results
+
+
+def publish(out: Path, docs: Path, results: dict) -> bool:
+    """Copy results.json, table.md and the plot to ``docs`` unless the results there hold more runs
+    (a pass over a subset of the reference sets never replaces a fuller result). Returns whether copied."""
+    import shutil
+
+    old = docs / "results.json"
+    if old.is_file() and json.loads(old.read_text()).get("runs_done", 0) > results["runs_done"]:
+        log.info("%s holds more runs (%s) than this pass: not replaced", old, json.loads(old.read_text())["runs_done"])
+        return False
+    docs.mkdir(parents=True, exist_ok=True)
+    for name in ("results.json", "table.md", "coupling_vs_fidelity.png"):
+        tmp = docs / f".{name}.{os.getpid()}.tmp"
+        shutil.copyfile(out / name, tmp)
+        tmp.replace(docs / name)
+    return True
 
 
 def aggregate(cfg: TestbedConfig, runs: dict[str, list[dict]], planned: int, calib: dict, strength: dict | None,

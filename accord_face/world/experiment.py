@@ -227,28 +227,25 @@ def eval_run(cfg: ExperimentConfig, out: Path, run_dir: Path, adapter: Path, arm
 ARCHIVED = ("run.json", "records.jsonl", "train/metrics.jsonl")
 
 
+def archive_ignored(archive: Path) -> bool:
+    from ..archive import ignored_by_git
+
+    return ignored_by_git(archive / "runs" / "arm" / "seed0" / "records.jsonl.gz")
+
+
 def sync_archive(out: Path, archive: Path, restore: bool) -> int:
     """Copy the small per-run files between the working folder and the committed archive (gzip there).
 
     restore=True: archive -> out, files the working folder lacks; False: out -> archive (finished runs
     only: a run's files are archived once its records.jsonl exists). Returns the number of files copied."""
-    import gzip
+    from .. import archive as arch
 
     if restore:
-        pairs = [(f, out / f.relative_to(archive).with_suffix("")) for f in sorted(archive.rglob("*.gz"))]
-        pairs = [(a, b) for a, b in pairs if not b.exists()]
-    else:
-        files = [out / "calibration.json", out / "base" / "records.jsonl"]
-        for rec in sorted(out.glob("runs/*/seed*/records.jsonl")):
-            files += [rec.parent / name for name in ARCHIVED]
-        pairs = [(f, archive / f"{f.relative_to(out)}.gz") for f in files if f.is_file()]
-    for a, b in pairs:
-        b.parent.mkdir(parents=True, exist_ok=True)
-        tmp = b.with_name(f".{b.name}.tmp")
-        data = a.read_bytes()
-        tmp.write_bytes(gzip.decompress(data) if restore else gzip.compress(data, mtime=0))
-        tmp.replace(b)
-    return len(pairs)
+        return arch.restore(out, archive)
+    files = [out / "calibration.json", out / "base" / "records.jsonl"]
+    for rec in sorted(out.glob("runs/*/seed*/records.jsonl")):
+        files += [rec.parent / name for name in ARCHIVED]
+    return arch.save(out, archive, files)
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
@@ -257,6 +254,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     archive = REPO / cfg.archive if cfg.archive else None
+    if archive and archive_ignored(archive):
+        log.warning("%s is ignored by git: its archived runs would not be committed (fix .gitignore)", archive)
     if archive and archive.is_dir():
         log.info("restored %d files of finished runs from %s", sync_archive(out, archive, restore=True), archive)
     unknown = [a for a in cfg.arms if a not in ARMS]
