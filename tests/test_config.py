@@ -81,3 +81,24 @@ def test_save_round_trip(tmp_path):
     cfg = load_config(Outer, None, ["inner.lr=0.25", "name=y"])
     save_config(cfg, tmp_path / "out" / "config.yaml")
     assert to_dict(load_config(Outer, tmp_path / "out" / "config.yaml")) == to_dict(cfg)
+
+
+def test_yaml_12_numbers_in_files_and_overrides(tmp_path):
+    """YAML 1.1 reads ``12:30`` as the base-60 integer 750 and ``1e-3`` as a string; ours reads 1.2."""
+    from dataclasses import dataclass
+
+    from accord_face.config import load_config, parse_overrides
+
+    assert parse_overrides(["stop_at=12:30", "lr=1e-3", "n=3", "x=0x10", "flag=no"]) == [
+        ("stop_at", "12:30"), ("lr", 0.001), ("n", 3), ("x", 16), ("flag", False)]
+
+    @dataclass
+    class C:
+        stop_at: str = ""
+        lr: float = 0.0
+
+    f = tmp_path / "c.yaml"
+    f.write_text("stop_at: 06:44\nlr: 5e-5\n")
+    c = load_config(C, f)
+    assert (c.stop_at, c.lr) == ("06:44", 5e-5)
+    assert load_config(C, f, ["stop_at=23:59"]).stop_at == "23:59"

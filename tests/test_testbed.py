@@ -311,7 +311,7 @@ def test_strength_rule():
 
 def tiny_config(tmp_path: Path, **kw) -> C.TestbedConfig:
     cfg = C.TestbedConfig(
-        out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
+        out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), archive=str(tmp_path / "docs" / "archive"),
         base=BaseModelConfig(steps=2, batch_size=4), judge=JudgeConfig(steps=2, batch_size=4, eval_renders=20),
         finetune=FinetuneConfig(steps=2, batch_size=2, n_refs=3, n_class_images=2, calibration_batches=2),
         strength=StrengthConfig(candidates=[StrengthCandidate("full", 1e-4, 1), StrengthCandidate("lora", 1e-3, 1, 2)],
@@ -351,14 +351,24 @@ def test_tiny_protocol_end_to_end_writes_the_contract_and_reuses_its_cache(tmp_p
     again = run_testbed(cfg)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps
     assert again["arms"]["accord_g1"]["coupling_rate"] == res["arms"]["accord_g1"]["coupling_rate"]
+    # a fresh checkout (empty working folder, same committed archive) resumes: nothing is retrained
+    published = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert published["runs_done"] == 8 and (tmp_path / "docs" / "coupling_vs_fidelity.png").is_file()
+    assert len(list((tmp_path / "docs" / "archive" / "runs").glob("*.json.gz"))) == 8
+    fresh = tiny_config(tmp_path, out_dir=str(tmp_path / "fresh"), stop_at="00:00")   # would refuse any new run
+    resumed = run_testbed(fresh)
+    assert resumed["runs_done"] == 8 and not resumed["runs_skipped"]
+    assert resumed["arms"]["accord_g1"]["coupling_rate"] == res["arms"]["accord_g1"]["coupling_rate"]
     # a changed fine-tune config is not served from the cache; a deadline in the past starts nothing new
     cfg2 = tiny_config(tmp_path, seeds=[0, 1], stop_at="00:00")
     part = run_testbed(cfg2)
     assert part["partial"] and part["runs_done"] == 8 and part["runs_planned"] == 16 and part["runs_skipped"]
+    from accord_face.testbed.run import publish
+    assert not publish(Path(cfg2.out_dir), tmp_path / "docs", dict(part, runs_done=7))  # fewer runs: kept
     # a strength choice the deadline cuts short says so instead of choosing from half the trials
     from accord_face.config import ConfigError
     with pytest.raises(ConfigError, match="strength choice did not finish"):
-        run_testbed(tiny_config(tmp_path, out_dir=str(tmp_path / "late"), stop_at="00:00"))
+        run_testbed(tiny_config(tmp_path, out_dir=str(tmp_path / "late"), archive="", stop_at="00:00"))
 
 
 def test_assets_round_trip_as_safetensors_and_a_pickle_is_refused(tmp_path):
