@@ -85,3 +85,24 @@ def test_archive_round_trip_keeps_finished_runs_only(tmp_path):
     fresh = tmp_path / "fresh"
     assert sync_archive(fresh, arch, restore=True) == 3
     assert (fresh / "runs/baseline-abc/seed0/records.jsonl").read_text() == "x"
+
+
+def test_training_diagnostics_first_and_last_share_per_key():
+    from accord_face.world.analysis import training_diagnostics
+
+    rows = [{"step": i, "mse": 1.0 - i / 100, "dd": 0.0, "delta_q0": float(i), "cos_gap": 0.0, "lambda_pd": 0.0}
+            for i in range(100)]
+    d = training_diagnostics(rows)
+    assert d["mse"]["first"] == pytest.approx(np.mean([1.0 - i / 100 for i in range(20)]))
+    assert d["delta_q0"]["last"] == pytest.approx(np.mean(range(80, 100)))
+    assert "cos_gap" not in d and "delta_q3" not in d          # no PDLoss: its logged zeros are not a gap
+    rows_pd = [dict(r, lambda_pd=0.003, cos_gap=0.5 - r["step"] / 1000) for r in rows]
+    assert training_diagnostics(rows_pd)["cos_gap"]["first"] == pytest.approx(0.5 - 9.5 / 1000)
+    assert training_diagnostics([]) == {}
+    from accord_face.world.analysis import write_diagnostics_table
+    def as_arm(d):    # analyze()'s per-arm shape: {key: {first|last: {mean, per_run}}}
+        return {"training": {k: {w: {"mean": v[w], "per_run": [v[w]]} for w in v} for k, v in d.items()}}
+    res = {"arms": {"baseline": as_arm(training_diagnostics([{"mse": 1.0}])), "dd_r0.3": as_arm(training_diagnostics(rows))}}
+    table = write_diagnostics_table(res)
+    assert "| dd_r0.3 |" in table and "| baseline |" not in table and "9.5 -> 89.5" in table
+    assert write_diagnostics_table({"arms": {"baseline": res["arms"]["baseline"]}}) == ""

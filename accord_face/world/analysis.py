@@ -71,6 +71,38 @@ def load_runs(out: Path) -> tuple[dict, dict]:
     return runs, base
 
 
+DIAGNOSTICS = ("mse", "dd", "delta_q0", "delta_q1", "delta_q2", "delta_q3", "cos_gap")
+
+
+def training_diagnostics(rows: list[dict], share: float = 0.2) -> dict:
+    """The paper's training diagnostics from one run's ``train/metrics.jsonl`` rows.
+
+    For each of DIAGNOSTICS (Delta_t by timestep quartile q0 = t < T/4 ... q3; the PDLoss cosine gap
+    cos(f_p, f_s) - cos(f_p, f_g); the MSE and DD terms) the mean over the first and the last ``share``
+    of the steps that logged it: ``{key: {"first": .., "last": ..}}``. A key no step logged (Delta_t
+    without DDLoss; cos_gap without PDLoss, where the trainer logs 0) is left out."""
+    out: dict = {}
+    pd_rows = [r for r in rows if r.get("lambda_pd")]
+    for key in DIAGNOSTICS:
+        vals = [float(r[key]) for r in (pd_rows if key == "cos_gap" else rows) if r.get(key) is not None]
+        if not vals:
+            continue
+        n = max(1, int(round(share * len(vals))))
+        out[key] = {"first": float(np.mean(vals[:n])), "last": float(np.mean(vals[-n:]))}
+    return out
+
+
+def load_training(out: Path) -> dict:
+    """{arm: {seed: training_diagnostics}} of finished runs that kept their metrics.jsonl."""
+    diag: dict = {}
+    for rec in sorted(out.glob("runs/*/seed*/records.jsonl")):
+        metrics = rec.parent / "train" / "metrics.jsonl"
+        if metrics.is_file():
+            meta = json.loads((rec.parent / "run.json").read_text())
+            diag.setdefault(meta["arm"], {})[int(meta["seed"])] = training_diagnostics(_read(metrics))
+    return diag
+
+
 def _curve_stat(x_a, y_a, x_b, y_b):
     """Mean-over-(seed, identity) curves of two (S, I, n) arrays -> curve gap (a minus b)."""
     return stats.curve_gap(np.nanmean(x_a, (0, 1)), np.nanmean(y_a, (0, 1)),
@@ -82,6 +114,7 @@ def analyze(out: Path, calibration: Optional[dict] = None, reps: int = 1000) -> 
 
     out = Path(out)
     runs, base = load_runs(out)
+    training = load_training(out)
     scales = list(SCALES)
     if not runs or not base:
         return {"status": "no finished runs", "arms": {}}
@@ -111,6 +144,11 @@ def analyze(out: Path, calibration: Optional[dict] = None, reps: int = 1000) -> 
             ci = stats.hierarchical_bootstrap(lambda a: float(np.nanmean(a[:, :, hs])), [arr[m]], reps=reps)
             entry[m] = {"mean": float(np.nanmean(arr[m][:, :, hs])), "ci95": ci, "n": len(seeds),
                         "per_run": [round(v, 5) for v in per_run]}
+        per_seed = training.get(arm, {})
+        keys = sorted({k for d in per_seed.values() for k in d}, key=DIAGNOSTICS.index)
+        entry["training"] = {k: {w: {"mean": float(np.mean([d[k][w] for d in per_seed.values() if k in d])),
+                                     "per_run": [round(d[k][w], 6) for _, d in sorted(per_seed.items()) if k in d]}
+                                 for w in ("first", "last")} for k in keys}
         res["arms"][arm] = entry
 
     if "baseline" in arrays:
@@ -237,6 +275,23 @@ def write_table(results: dict) -> str:
         lines.append(f"| {arm} | {len(e['seeds'])} | {ci(e['identity_similarity'])} | {ci(e['prompt_alignment'])} | "
                      f"{ci(e['coupling_rate'])} | {ci(p.get('alignment_gap'))} | {ci(p.get('coupling_gap'))} | "
                      f"{pw_s} |")
+    return "\n".join(lines)
+
+
+def write_diagnostics_table(results: dict) -> str:
+    """Markdown: the training diagnostics (first -> last 20 % of steps, mean over runs) of arms that logged
+    Delta_t or the PDLoss cosine gap; '' when none did."""
+    keys = ("mse", "delta_q0", "delta_q1", "delta_q2", "delta_q3", "cos_gap")
+    rows = [(arm, e["training"]) for arm, e in sorted(results.get("arms", {}).items())
+            if any(k in e.get("training", {}) for k in keys[1:])]
+    if not rows:
+        return ""
+
+    def cell(t, k):
+        return f"{t[k]['first']['mean']:.4g} -> {t[k]['last']['mean']:.4g}" if k in t else "-"
+
+    lines = ["| arm | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {arm} | " + " | ".join(cell(t, k) for k in keys) + " |" for arm, t in rows]
     return "\n".join(lines)
 
 

@@ -304,11 +304,13 @@ def write_outputs(cfg: ExperimentConfig, results: dict) -> str:
     copied with results.json into the archive. Returns the Markdown table."""
     import shutil
 
-    from .analysis import write_plot, write_sample_grid, write_table
+    from .analysis import write_diagnostics_table, write_plot, write_sample_grid, write_table
 
     out = Path(cfg.out)
     table = write_table(results)
-    (out / "results.md").write_text(table + "\n")
+    diag = write_diagnostics_table(results)
+    (out / "results.md").write_text(table + "\n" + (f"\nTraining diagnostics (first -> last 20 % of steps; Delta_t by "
+                                                      f"timestep quartile, q0 = lowest t):\n\n{diag}\n" if diag else ""))
     write_plot(results, out / "curves.png")
     runs = {}
     for arm in ["baseline"] + [a for a in cfg.arms if a != "baseline"]:
