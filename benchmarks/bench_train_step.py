@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -60,6 +61,16 @@ def grid(fractions=(1.0, 0.5, 0.25, 0.125), every=(2, 4)) -> list[Variant]:
     out += [Variant(f"DD+PD f={f:g} n={n}", 0.1, 0.001, f, n) for f in (1.0, 0.25) for n in every
             if not (f, n) == (DEFAULT.dd_batch_fraction, DEFAULT.dd_every_n_steps)]
     return out + [DEFAULT]
+
+
+def parse_setting(text: str) -> Variant:
+    """``"f=0.25,n=8"`` (optionally ``,pd=0``) -> the DDLoss(+PDLoss) variant with that fraction and period."""
+    kv = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+    unknown = set(kv) - {"f", "n", "pd"}
+    if unknown or not {"f", "n"} <= set(kv):
+        raise ValueError(f"--settings {text!r}: write f=<dd_batch_fraction>,n=<dd_every_n_steps>[,pd=0|1]")
+    f, n, pd = float(kv["f"]), int(kv["n"]), kv.get("pd", "1") != "0"
+    return Variant(f"DD{'+PD' if pd else ''} f={f:g} n={n}", 0.1, 0.001 if pd else 0.0, f, n)
 
 
 def build(size: str, device: torch.device, dtype: torch.dtype, resolution: int):
@@ -210,12 +221,25 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=0, help="0: 64 for tiny, 128 for sd15 on CPU, 512 on GPU")
     ap.add_argument("--rounds", type=int, default=3, help="round-robin repetitions (median ratio reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time = work, no spin)")
+    ap.add_argument("--settings", nargs="+", default=None, metavar="f=F,n=N",
+                    help="instead of the grid: baseline, PD, the default and these DD+PD settings "
+                         "(e.g. f=0.25,n=8 f=0.125,n=4)")
+    ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        variants = grid() if args.settings is None else (
+            [BASELINE, Variant("PD", 0.0, 0.001), DEFAULT] + [parse_setting(t) for t in args.settings])
+    except ValueError as err:
+        sys.exit(f"bench_train_step: {err}")
+    results = []
     for size in args.sizes:
-        print(format_table(measure(size, grid(), device=args.device, batch=args.batch, resolution=args.resolution,
-                                   rounds=args.rounds)), flush=True)
+        results.append(measure(size, variants, device=args.device, batch=args.batch, resolution=args.resolution,
+                               rounds=args.rounds))
+        print(format_table(results[-1]), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
