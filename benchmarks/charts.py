@@ -150,12 +150,15 @@ def markdown(results: dict) -> str:
     if z:
         lines += [f"ZeRO on CPU (gloo), tiny trainer, global batch {z['global_batch']}, {z['steps']} steps "
                   f"(load {z.get('load_average_before')}):", "",
-                  "| stage | ranks | s/step | peak RSS rank 0 (GiB) | 2-rank speedup | max loss gap 1 vs 2 ranks |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+                  "| stage | ranks | wall s/step | CPU s/step per rank | peak RSS rank 0 (GiB) | "
+                  "2-rank speedup, CPU (wall) | max loss gap 1 vs 2 ranks |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
         for v in z["runs"].values():
-            sp = f"{v['two_rank_speedup']:.2f}" if "two_rank_speedup" in v else ""
+            sp = (f"{v['two_rank_speedup']:.2f} ({v.get('two_rank_speedup_wall', float('nan')):.2f})"
+                  if "two_rank_speedup" in v else "")
+            cpu = _ratio(v["cpu_s_per_rank"]) if "cpu_s_per_rank" in v else ""
             gap = f"{v['max_loss_gap_vs_2_ranks']:.1e}" if "max_loss_gap_vs_2_ranks" in v else ""
-            lines.append(f"| {v['stage']} | {v['ranks']} | {_ratio(v['step_s'])} | {v['peak_rss_gib_rank0']:.2f} | "
+            lines.append(f"| {v['stage']} | {v['ranks']} | {_ratio(v['step_s'])} | {cpu} | {v['peak_rss_gib_rank0']:.2f} | "
                          f"{sp} | {gap} |")
         lines.append("")
     pf = results.get("profile")

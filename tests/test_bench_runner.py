@@ -68,3 +68,36 @@ def test_gpu_script_without_a_gpu_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert "--dry-run" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "o").exists()
+
+
+def test_only_reruns_one_section_and_keeps_the_others(tmp_path, monkeypatch):
+    """``--only zero`` replaces the zero section of an existing results.json and keeps every other figure."""
+    import json
+
+    from benchmarks import bench_zero
+
+    shutil.copyfile(ROOT / "docs" / "benchmarks" / "results.json", tmp_path / "results.json")
+    before = json.loads((tmp_path / "results.json").read_text())
+    called = []
+
+    def fake_measure(stages, steps, rounds=1, progress=None):
+        called.append(tuple(stages))
+        step = {"median": 0.2, "min": 0.1, "max": 0.3, "n": 2}
+        runs = {f"zero{s}_ranks{k}": {"stage": s, "ranks": k, "step_s": step, "cpu_s_per_rank": step,
+                                      "peak_rss_gib_rank0": 0.5, "loss": [1.0, 0.9]} for s in stages for k in (1, 2)}
+        for s in stages:
+            runs[f"zero{s}_ranks1"].update(two_rank_speedup=1.9, two_rank_speedup_wall=3.0,
+                                           max_loss_gap_vs_2_ranks=0.0)
+        return {"steps": steps, "rounds": rounds, "global_batch": 4, "runs": runs}
+
+    monkeypatch.setattr(bench_zero, "measure", fake_measure)
+    r = run.run(run.Plan(), tmp_path, quick=False, only=("zero",))
+    assert called == [(0, 1, 2, 3)]
+    assert r["zero"]["two_rank_speedup"] == 1.9 and r["zero"]["two_rank_speedup_wall"] == 3.0
+    for name in ("accord_step", "loader", "prep"):
+        assert r[name] == before[name]
+    assert r["rerun"][-1]["sections"] == ["zero"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["zero"]["two_rank_speedup"] == 1.9 and saved["loader"] == before["loader"]
+    assert "1.90 (3.00)" in (tmp_path / "results.md").read_text()
+    assert run.missing_figures(saved) == []

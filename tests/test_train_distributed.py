@@ -97,6 +97,12 @@ def test_one_and_two_ranks_give_the_same_loss_curve(runs):
             assert one[step][term] == pytest.approx(two[step][term], rel=1e-3, abs=1e-6), (step, term)
     # Training moved the loss at all (otherwise equality would be trivial).
     assert one[4]["loss"] != one[1]["loss"]
+    # cpu_s is each step's own CPU time (not the process's running total, which includes the start-up's
+    # seconds): positive and within a few threads' worth of the step's wall time.
+    for rows, global_batch in ((one, 4), (two, 4)):
+        for r in rows.values():
+            wall = global_batch / r["samples_per_s"]
+            assert 0 < r["cpu_s"] < 4 * wall + 0.05, (r["step"], r["cpu_s"], wall)
 
 
 def test_resume_after_kill_equals_uninterrupted(runs):

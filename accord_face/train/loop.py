@@ -348,7 +348,7 @@ def train(cfg: TrainConfig) -> dict:
     stop, stopped = guard.StopFlag(), None
     engine.train()
     while step < cfg.max_steps:
-        tic = time.perf_counter()
+        tic, ctic = time.perf_counter(), time.process_time()
         step += 1
         sums: dict[str, float] = {}
         deltas, dts = [], []
@@ -366,6 +366,7 @@ def train(cfg: TrainConfig) -> dict:
             sums["cos_gap"] = sums.get("cos_gap", 0.0) + (float(terms["cos_gap"].mean()) if terms["cos_gap"].numel() else 0.0) / gas
             deltas.append(terms["delta"].cpu())
             dts.append(terms["dd_timesteps"].cpu())
+        sums["cpu_s"] = time.process_time() - ctic   # this rank's CPU seconds for the step (all its threads)
         stats = _mean_over_ranks(sums)
         totals = _sum_over_ranks({**{f"data_{k}s": float(v) for k, v in stream.skipped.items()},
                                   "stop": 1.0 if stop.requested else 0.0})
