@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test clean testbed
+.PHONY: install demo test clean testbed testbed-pp
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -80,6 +80,11 @@ testbed: $(STAMP)
 # Finished runs are reused (and restored from docs/encoder_coupling in a fresh checkout).
 # ENCODER_ARGS: e.g. arms=[baseline,dd_r0.3] seeds=[0,1,2]; analyze_only=true to aggregate only.
 ENCODER_ARGS ?= arms=[baseline,dd_r0.3,control_other_photo,control_rho0] seeds=[0,1,2]
+# Protocol v2, revision "pp": every arm with DreamBooth prior preservation (configs/testbed_pp.yaml; README)
+testbed-pp: $(STAMP)
+	mkdir -p testbed_out/pp
+	$(PY) scripts/run_testbed.py --config configs/testbed_pp.yaml threads=1 $(TESTBED_ARGS)
+
 .PHONY: testbed-encoder
 testbed-encoder: $(STAMP)
 	$(PY) scripts/run_encoder_experiment.py $(ENCODER_ARGS)

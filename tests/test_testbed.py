@@ -309,6 +309,32 @@ def test_strength_rule():
     assert pick_strength(rows[3:], 0.7, 0.9) == (0, False)
 
 
+def test_v2_strength_key_survives_the_pp_revision_fields():
+    """Fields added for the prior-preservation revision (strength.arm) leave v2's cached strength choice valid:
+    the key computed from configs/testbed.yaml equals the one in the committed archive."""
+    import gzip
+    import json
+
+    from accord_face.config import load_config, to_dict
+    from accord_face.testbed.run import config_key, strength_key_dict
+    cfg = load_config(C.TestbedConfig, REPO / "configs" / "testbed.yaml")
+    archived = json.loads(gzip.open(REPO / "docs" / "testbed" / "archive" / "strength.json.gz").read())
+    assert config_key(strength_key_dict(cfg.strength), to_dict(cfg.finetune), to_dict(cfg.eval)) == archived["key"]
+    pp = load_config(C.TestbedConfig, REPO / "configs" / "testbed_pp.yaml")
+    assert strength_key_dict(pp.strength)["arm"] == "baseline_pp"      # a revision's own key differs
+    pp.validate()
+
+
+def test_prior_preservation_arms_of_the_pp_revision():
+    from accord_face.testbed.arms import make_arms
+    arms = make_arms(FinetuneConfig(ratios=[0.3, 1.0], variant_ratio=1.0))
+    assert arms["accord_pp_g0.3"].prior and arms["accord_pp_g0.3"].ratio == 0.3
+    assert "accord_pp_g1" not in arms and arms["accord_pp"].ratio == 1.0 and arms["accord_pp"].prior
+    assert arms["varied_refs_pp"].prior and arms["varied_refs_pp"].refs == "varied" and arms["varied_refs_pp"].ratio == 0
+    with pytest.raises(ValueError, match="reference_arm"):
+        C.TestbedConfig(reference_arm="base").validate()
+
+
 def tiny_config(tmp_path: Path, **kw) -> C.TestbedConfig:
     cfg = C.TestbedConfig(
         out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), archive=str(tmp_path / "docs" / "archive"),
@@ -359,6 +385,15 @@ def test_tiny_protocol_end_to_end_writes_the_contract_and_reuses_its_cache(tmp_p
     resumed = run_testbed(fresh)
     assert resumed["runs_done"] == 8 and not resumed["runs_skipped"]
     assert resumed["arms"]["accord_g1"]["coupling_rate"] == res["arms"]["accord_g1"]["coupling_rate"]
+    # another reference arm re-pairs the same cached runs against it (no run is redone)
+    vs_pp = run_testbed(tiny_config(tmp_path, out_dir=str(tmp_path / "fresh"), stop_at="00:00",
+                                    reference_arm="baseline_pp"))
+    assert vs_pp["reference_arm"] == "baseline_pp" and "paired_vs_baseline" not in vs_pp["arms"]["baseline_pp"]
+    d = vs_pp["arms"]["baseline"]["paired_vs_baseline"]["coupling_rate"]
+    per = {arm: {(x["ref_set"], x["seed"]): x["metrics"]["coupling_rate"] for x in vs_pp["arms"][arm]["runs"]}
+           for arm in ("baseline", "baseline_pp")}
+    assert d["mean_diff"] == pytest.approx(np.mean([per["baseline"][k] - per["baseline_pp"][k] for k in per["baseline"]]))
+    assert set(vs_pp["power"]["arms"]) == {"baseline", "accord_g1"}
     # a changed fine-tune config is not served from the cache; a deadline in the past starts nothing new
     cfg2 = tiny_config(tmp_path, seeds=[0, 1], stop_at="00:00")
     part = run_testbed(cfg2)

@@ -63,6 +63,9 @@ def make_arms(cfg: FinetuneConfig) -> dict[str, Arm]:
     arms = [Arm("baseline"), Arm("baseline_pp", prior=True), Arm("dreambooth", caption="target_only"),
             Arm("varied_refs", refs="varied")]
     arms += [Arm(f"accord_g{r:g}", ratio=r) for r in cfg.ratios]
+    # with prior preservation in every arm (the DreamBooth recipe; ``accord_pp`` is the dose variant_ratio)
+    arms += [Arm(f"accord_pp_g{r:g}", ratio=r, prior=True) for r in cfg.ratios if r != v]
+    arms += [Arm("varied_refs_pp", refs="varied", prior=True)]
     arms += [Arm("accord_pp", ratio=v, prior=True), Arm("frozen_ref", ratio=v, reference="frozen"),
              Arm("multi_t", ratio=v, timesteps="stratified"), Arm("warmup", ratio=v, warmup=True),
              Arm("null_bg", ratio=v, keep_background=True)]

@@ -76,6 +76,8 @@ class StrengthConfig:
     ref_sets: list[int] = field(default_factory=lambda: [0, 1], help="reference sets of the strength choice")
     min_fidelity: float = field(0.7, help="baseline must learn the target: target fidelity >= this")
     min_alignment_kept: float = field(0.9, help="and keep >= this share of the base model's unrelated-prompt alignment")
+    arm: str = field("baseline", help="the arm the strength is chosen on: 'baseline', or 'baseline_pp' (DreamBooth "
+                                      "with prior preservation, as DreamBooth trains)")
 
 
 @dataclass
@@ -110,6 +112,8 @@ class TestbedConfig:
     ref_sets: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5],
                                 help="reference sets (each: one context object and colour); paired across arms")
     arms: list[str] = field(default_factory=list, help="arms to run; empty = the default list (arms.DEFAULT_ARMS)")
+    reference_arm: str = field("baseline", help="the arm every other is paired against ('paired_vs_baseline') and "
+                                                "whose coupling the power analysis refers to")
     threads: int = field(1, help="torch CPU threads for judge / arms")
     stop_at: str = field("", help="'HH:MM' UTC: start no run that its arm's last duration says would end "
                                   "after it (the cache carries the rest to a later invocation); '' = no limit")
@@ -123,6 +127,8 @@ class TestbedConfig:
             raise ValueError("testbed: need at least one seed and one reference set")
         if self.stop_at and not __import__("re").fullmatch(r"\d\d:\d\d", self.stop_at):
             raise ValueError(f"stop_at is {self.stop_at!r}; use 'HH:MM' (UTC) or ''")
+        if self.reference_arm in ("", "base"):
+            raise ValueError(f"reference_arm is {self.reference_arm!r}; name a fine-tuned arm (baseline, baseline_pp)")
         clash = sorted(set(self.seeds) & set(self.strength.seeds))
         if clash:
             raise ValueError(f"testbed: seeds {clash} are also strength.seeds; the strength choice needs held-out seeds")

@@ -52,8 +52,9 @@ def write_table(results: dict, path: Path) -> str:
                      f"{_fmt(e.get('unrelated_alignment_kept'))} | {_fmt(e['context_alone'])} | "
                      f"{_fmt(e['context_target_leak'])} | {e['target_fidelity']['n']} ({e['n_images']}) |")
     pw = results.get("power", {}).get("arms", {})
-    lines += ["", "Paired differences vs `baseline` (same reference set and seed), mean ± 95 % half-width; power "
-              f"for a {results.get('power', {}).get('relative_reduction', 0.3):.0%} relative reduction of baseline's "
+    ref = results.get("reference_arm", "baseline")
+    lines += ["", f"Paired differences vs `{ref}` (same reference set and seed), mean ± 95 % half-width; power "
+              f"for a {results.get('power', {}).get('relative_reduction', 0.3):.0%} relative reduction of {ref}'s "
               "coupling (paired t, two-sided, 0.05) with the observed sd of the differences:", "",
               "| arm | pairs | d coupling rate | d coupling p | d target fidelity | d text alignment | d unrelated alignment "
               "| power reached (rate / p) | pairs needed for 80 % (rate / p) |", "|---|---|---|---|---|---|---|---|---|"]

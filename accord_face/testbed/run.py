@@ -65,6 +65,15 @@ def config_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def strength_key_dict(sc) -> dict:
+    """``to_dict(strength)`` without the fields added after protocol v2's first run while they hold their
+    default (``arm: baseline``): v2's cached strength choice keeps its key under the current code."""
+    d = to_dict(sc)
+    if d.get("arm") == "baseline":
+        del d["arm"]
+    return d
+
+
 def _tail_mean(xs: list[float], frac: float, last: bool) -> float | None:
     if not xs:
         return None
@@ -202,6 +211,7 @@ def choose_strength(runner: Runner, out: Path) -> dict:
     keeping enough alignment, else the highest fidelity (``criteria_met`` false).
     """
     cfg, sc = runner.cfg, runner.cfg.strength
+    arm = make_arms(cfg.finetune)[sc.arm]
 
     def metrics(folder: Path, arm: Arm | None, r: int, s: int, ft: FinetuneConfig) -> dict:
         res = runner.run(folder, arm, r, s, ft, 0.0)
@@ -214,7 +224,7 @@ def choose_strength(runner: Runner, out: Path) -> dict:
     rows = []
     for i, c in enumerate(sc.candidates):
         ft = replace(cfg.finetune, mode=c.mode, lr=c.lr, steps=c.steps, lora_rank=c.lora_rank)
-        ms = [metrics(out / "strength" / f"c{i}_{c.mode}_lr{c.lr:g}_s{c.steps}", Arm("baseline"), r, s, ft)
+        ms = [metrics(out / "strength" / f"c{i}_{c.mode}_lr{c.lr:g}_s{c.steps}", arm, r, s, ft)
               for r in sc.ref_sets for s in sc.seeds]
         fid = float(np.mean([m["target_fidelity"] for m in ms]))
         kept = float(np.mean([m["unrelated_alignment"] for m in ms]) / max(np.mean(base_align), 1e-9))
@@ -223,7 +233,8 @@ def choose_strength(runner: Runner, out: Path) -> dict:
                      "text_alignment": float(np.mean([m["text_alignment"] for m in ms]))})
         log.info("strength candidate %d %s: fidelity %.2f, alignment kept %.2f", i, to_dict(c), fid, kept)
     best, met = pick_strength(rows, sc.min_fidelity, sc.min_alignment_kept)
-    return {"seeds": sc.seeds, "ref_sets": sc.ref_sets, "base_unrelated_alignment": float(np.mean(base_align)),
+    return {"arm": sc.arm, "seeds": sc.seeds, "ref_sets": sc.ref_sets,
+            "base_unrelated_alignment": float(np.mean(base_align)),
             "candidates": rows, "chosen": best, "criteria_met": met,
             "rule": f"target_fidelity >= {sc.min_fidelity} and alignment kept >= {sc.min_alignment_kept}; "
                     "among those, most alignment kept"}
@@ -232,9 +243,12 @@ def choose_strength(runner: Runner, out: Path) -> dict:
 def run_testbed(cfg: TestbedConfig) -> dict:
     arms = make_arms(cfg.finetune)
     names = cfg.arms or list(DEFAULT_ARMS)
-    unknown = [a for a in names if a not in arms]
+    unknown = [a for a in names + [cfg.strength.arm] if a not in arms]
     if unknown:
-        raise ConfigError(f"testbed: unknown arm(s) {unknown} in 'arms'; choose from {list(arms)}")
+        raise ConfigError(f"testbed: unknown arm(s) {unknown} in 'arms' / 'strength.arm'; choose from {list(arms)}")
+    if cfg.reference_arm not in names:
+        log.warning("reference_arm %r is not among the arms run %s: no paired differences or power this pass",
+                    cfg.reference_arm, names)
     out, cache = Path(cfg.out_dir), Path(cfg.cache_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)
@@ -267,7 +281,7 @@ def run_testbed(cfg: TestbedConfig) -> dict:
     ft = cfg.finetune
     if cfg.strength.candidates:
         strength = cached_json(out / "strength.json", lambda: choose_strength(runner, out),
-                               key=config_key(to_dict(cfg.strength), to_dict(cfg.finetune), to_dict(ev)))
+                               key=config_key(strength_key_dict(cfg.strength), to_dict(cfg.finetune), to_dict(ev)))
         c = cfg.strength.candidates[strength["chosen"]]
         ft = replace(ft, mode=c.mode, lr=c.lr, steps=c.steps, lora_rank=c.lora_rank)
         runner.archive_files(out / "strength.json")
@@ -336,6 +350,8 @@ def aggregate(cfg: TestbedConfig, runs: dict[str, list[dict]], planned: int, cal
                "strength": strength, "judge": judge_id, "judge_accuracy": judge_report,
                "base_prompt_accuracy": base_acc, "calibration": _calibration_summary(calib), "arms": {}}
     base_runs = by_key.get("base", {})
+    ref_arm = cfg.reference_arm
+    results["reference_arm"] = ref_arm
     for a, rs in runs.items():
         entry = {m: summarize([x["metrics"][m] for x in rs]) for m in METRICS}
         kept = [x["metrics"]["unrelated_alignment"] / base_runs[(x["ref_set"], x["seed"])]["metrics"]["unrelated_alignment"]
@@ -348,19 +364,19 @@ def aggregate(cfg: TestbedConfig, runs: dict[str, list[dict]], planned: int, cal
         entry["runs"] = [{k: x.get(k) for k in ("ref_set", "seed", "metrics", "lambda_dd", "L_base_first",
                                                 "L_base_last", "L_DD_first", "L_DD_last", "L_prior_last",
                                                 "delta_by_quartile", "seconds")} for x in rs]
-        if a != "baseline" and "baseline" in by_key:
-            ref = by_key["baseline"]
+        if a != ref_arm and ref_arm in by_key:
+            ref = by_key[ref_arm]
             entry["paired_vs_baseline"] = {
                 m: paired({k: x["metrics"][m] for k, x in by_key[a].items()}, {k: x["metrics"][m] for k, x in ref.items()})
                 for m in METRICS}
         results["arms"][a] = entry
     power: dict = {}
-    if "baseline" in results["arms"]:
+    if ref_arm in results["arms"]:
         pw = cfg.power
         for a, e in results["arms"].items():
             if "paired_vs_baseline" not in e or a == "base":
                 continue
-            power[a] = {m: power_analysis(e["paired_vs_baseline"][m], results["arms"]["baseline"][m]["mean"],
+            power[a] = {m: power_analysis(e["paired_vs_baseline"][m], results["arms"][ref_arm][m]["mean"],
                                           pw.relative_reduction, pw.power, pw.alpha)
                         for m in ("coupling_rate", "coupling_rate_p")}
     results["power"] = {"relative_reduction": cfg.power.relative_reduction, "power": cfg.power.power,
