@@ -367,7 +367,15 @@ def test_tiny_protocol_end_to_end_writes_the_contract_and_reuses_its_cache(tmp_p
     assert set(cal[kind]["per_ref_set"]) == {"0", "1"} and "loss_ratio" in cal[kind]["per_ref_set"]["0"]
     lam = on_disk["arms"]["accord_g1"]["lambda_dd"]
     assert lam and all(x > 0 for x in lam)
-    assert set(on_disk["power"]["arms"]["accord_g1"]) == {"coupling_rate", "coupling_rate_p"}
+    pw = on_disk["power"]["arms"]["accord_g1"]
+    assert {"coupling_rate", "coupling_rate_p"} <= set(pw) <= {"coupling_rate", "coupling_rate_p", "coupling_rate_excess",
+                                                               "coupling_rate_p_excess"}
+    for m in ("coupling_rate", "coupling_rate_p"):     # the excess variant: effect = 30 % of (baseline - base)
+        excess = on_disk["arms"]["baseline"][m]["mean"] - on_disk["arms"]["base"][m]["mean"]
+        if excess > 0:
+            assert pw[f"{m}_excess"]["effect"] == pytest.approx(0.3 * excess)
+        else:
+            assert f"{m}_excess" not in pw
     st = on_disk["strength"]
     assert len(st["candidates"]) == 2 and st["chosen"] in (0, 1)
     assert on_disk["finetune_used"]["mode"] == ["full", "lora"][st["chosen"]]

@@ -57,7 +57,8 @@ def write_table(results: dict, path: Path) -> str:
               f"for a {results.get('power', {}).get('relative_reduction', 0.3):.0%} relative reduction of {ref}'s "
               "coupling (paired t, two-sided, 0.05) with the observed sd of the differences:", "",
               "| arm | pairs | d coupling rate | d coupling p | d target fidelity | d text alignment | d unrelated alignment "
-              "| power reached (rate / p) | pairs needed for 80 % (rate / p) |", "|---|---|---|---|---|---|---|---|---|"]
+              "| power reached (rate / p) | pairs needed for 80 % (rate / p) | the same for 30 % of the excess over "
+              "base (power / pairs, rate) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in results["arms"].items():
         d = e.get("paired_vs_baseline")
         if not d:
@@ -71,7 +72,8 @@ def write_table(results: dict, path: Path) -> str:
         lines.append(f"| {name} | {d['coupling_rate']['n']} | {_fmt(d['coupling_rate'])} | {_fmt(d['coupling_rate_p'])} | "
                      f"{_fmt(d['target_fidelity'])} | {_fmt(d['text_alignment'])} | {_fmt(d['unrelated_alignment'])} | "
                      f"{pr('coupling_rate', 'power_achieved')} / {pr('coupling_rate_p', 'power_achieved')} | "
-                     f"{pr('coupling_rate', 'pairs_needed')} / {pr('coupling_rate_p', 'pairs_needed')} |")
+                     f"{pr('coupling_rate', 'pairs_needed')} / {pr('coupling_rate_p', 'pairs_needed')} | "
+                     f"{pr('coupling_rate_excess', 'power_achieved')} / {pr('coupling_rate_excess', 'pairs_needed')} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text

@@ -379,6 +379,14 @@ def aggregate(cfg: TestbedConfig, runs: dict[str, list[dict]], planned: int, cal
             power[a] = {m: power_analysis(e["paired_vs_baseline"][m], results["arms"][ref_arm][m]["mean"],
                                           pw.relative_reduction, pw.power, pw.alpha)
                         for m in ("coupling_rate", "coupling_rate_p")}
+            # the same share of the reference arm's *excess* coupling over the base model (what fine-tuning added)
+            for m in ("coupling_rate", "coupling_rate_p"):
+                excess = results["arms"][ref_arm][m]["mean"] - results["arms"].get("base", {}).get(m, {}).get("mean",
+                                                                                                          np.nan)
+                if np.isfinite(excess) and excess > 0:
+                    power[a][f"{m}_excess"] = {**power_analysis(e["paired_vs_baseline"][m], excess,
+                                                                pw.relative_reduction, pw.power, pw.alpha),
+                                               "excess_over_base": float(excess)}
     results["power"] = {"relative_reduction": cfg.power.relative_reduction, "power": cfg.power.power,
                         "alpha": cfg.power.alpha, "test": "paired t, two-sided, pairs = (reference set, seed)",
                         "arms": power}
