@@ -131,3 +131,22 @@ def test_short_training_lowers_heldout_denoising_loss(world_dir, tmp_path):
     untrained = heldout_loss(adapter=None, **kw)
     trained = heldout_loss(adapter=str(tmp_path / "run" / "adapter"), **kw)
     assert trained < untrained, (trained, untrained)
+
+
+def test_render_ceiling_finds_the_people_in_clean_renders_and_not_in_swapped_ones(world_dir, tmp_path):
+    """The evaluation's ceiling (a perfect generator = clean renders in context B) retrieves the right person;
+    with every job's person swapped for another held-out one it falls to chance: a check that can fail."""
+    import dataclasses
+
+    from accord_face.world.evaluate import EvalPlan, WorldScorer, render_ceiling
+
+    scorer = WorldScorer()
+    plan = EvalPlan.make(tmp_path / "refs", 8, 1, 0, scorer)
+    ceiling = render_ceiling(plan, scorer)
+    assert ceiling["retrieval_top1"]["n"] == 8 and ceiling["retrieval_top1"]["mean"] >= 0.6
+    assert ceiling["identity_similarity"]["mean"] > 0.5
+    names = plan.names
+    swapped = {n: {**plan.refs[n], "identity": plan.refs[names[(k + 1) % len(names)]]["identity"]}
+               for k, n in enumerate(names)}
+    wrong = render_ceiling(dataclasses.replace(plan, refs=swapped), scorer)
+    assert wrong["retrieval_top1"]["mean"] <= 0.25 and wrong["identity_similarity"]["mean"] < 0.3

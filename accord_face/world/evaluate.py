@@ -168,6 +168,29 @@ def generate_records(gen, plan: EvalPlan, scorer: WorldScorer, arms: dict[str, f
     return records
 
 
+def render_ceiling(plan: EvalPlan, scorer: WorldScorer) -> dict:
+    """What the instruments give a perfect generator: every job's person rendered cleanly (the world's
+    own renderer, another photo seed) in the prompt's context B, scored like a generated image.
+    Identity similarity and retrieval top-1 among the plan's references, per identity; the ceiling
+    that generated images are measured against (recognizer B's own limit across contexts)."""
+    from .render import render
+
+    ref_names = [n for n in plan.names if plan.ref_b[n] is not None]
+    ref_mat = np.stack([plan.ref_b[n] for n in ref_names])                              # (R, D)
+    sims: dict[str, list] = {n: [] for n in plan.names}
+    hits: dict[str, list] = {n: [] for n in plan.names}
+    for name, p, _, b, seed in plan.jobs:
+        emb = scorer.embed(render(plan.refs[name]["identity"], b, seed % 100_000 + 60_000).image)
+        if emb is None or plan.ref_b[name] is None:
+            hits[name].append(0.0)
+            continue
+        sims[name].append(float(emb @ plan.ref_b[name]))
+        hits[name].append(float(ref_names[int(np.argmax(ref_mat @ emb))] == name))
+    per = lambda d: [float(np.mean(v)) if v else float("nan") for v in d.values()]   # noqa: E731
+    return {"identity_similarity": mean_ci(per(sims)), "retrieval_top1": mean_ci(per(hits)),
+            "what": "clean renders of each job's person in context B (perfect generator), recognizer B"}
+
+
 def write_records(path: Path, records: list[dict]) -> None:
     from ..pipeline import atomic_write_text
 
@@ -188,6 +211,7 @@ def run_world_eval(cfg: WorldEvalConfig) -> dict:
                                guidance=cfg.guidance, batch_size=cfg.batch_size)
     write_records(out / "samples.jsonl", records)
     metrics = summarize(records, plan.names, cfg)
+    metrics["render_ceiling"] = render_ceiling(plan, scorer)
     metrics["config"] = asdict(cfg)
     metrics["identity_model"] = scorer.recognizer.describe()
     from ..pipeline import make_face_analyzer
