@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test clean testbed testbed-pp
+.PHONY: install demo test clean testbed testbed-pp world-length
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,10 @@ ENCODER_ARGS ?= arms=[baseline,dd_r0.3,control_other_photo,control_rho0] seeds=[
 testbed-pp: $(STAMP)
 	mkdir -p testbed_out/pp
 	$(PY) scripts/run_testbed.py --config configs/testbed_pp.yaml threads=1 $(TESTBED_ARGS)
+
+# Identity transfer vs training length (issue: how long must the main job train?); resumable
+world-length: $(STAMP)
+	$(PY) scripts/run_world_length.py $(LENGTH_ARGS)
 
 .PHONY: testbed-encoder
 testbed-encoder: $(STAMP)

@@ -150,3 +150,34 @@ def test_render_ceiling_finds_the_people_in_clean_renders_and_not_in_swapped_one
                for k, n in enumerate(names)}
     wrong = render_ceiling(dataclasses.replace(plan, refs=swapped), scorer)
     assert wrong["retrieval_top1"]["mean"] <= 0.25 and wrong["identity_similarity"]["mean"] < 0.3
+
+
+@pytest.mark.heavy  # two deepspeed launches and two small evaluations: ~2-4 min on the shared 2 cores
+def test_length_curve_continues_one_run_and_never_redoes_a_milestone(world_dir, tmp_path, monkeypatch):
+    from accord_face.world import length as L
+
+    monkeypatch.setattr(L, "REPO", ROOT)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    cfg = L.LengthConfig(out=str(tmp_path / "out"), archive=str(tmp_path / "docs"), milestones=[3, 6],
+                         train_identities=12, photos_per_identity=2, identities=4, eval_steps=2, port=29893,
+                         overrides=["train_batch_size=4", "checkpointing.checkpointing_steps=3",
+                                    "validation.num_faces=0", "data.shuffle_buffer=0"])
+    res = L.run_length(cfg)
+    assert set(res["milestones"]) == {"3", "6"} and not res["pending"]
+    out = tmp_path / "out"
+    rows = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]                       # one run, continued
+    assert "resumed from" in (out / "train.log").read_text()
+    a3 = json.loads((out / "adapter-3" / "adapter_config.json").read_text())["train_steps"]
+    a6 = json.loads((out / "adapter-6" / "adapter_config.json").read_text())["train_steps"]
+    assert (a3, a6) == (3, 6)
+    for s in ("3", "6"):
+        m = res["milestones"][s]
+        assert 0 <= m["retrieval_top1"]["mean"] <= 1 and m["identity_similarity"]["ci95"] is not None
+    assert res["render_ceiling"]["retrieval_top1"]["mean"] > res["chance_top1"]
+    assert (tmp_path / "docs" / "curve.png").is_file() and (tmp_path / "docs" / "steps-6.json").is_file()
+    # a fresh working folder with the same archive: the curve comes back, nothing trains
+    again = L.run_length(L.LengthConfig(**{**cfg.__dict__, "out": str(tmp_path / "fresh")}))
+    assert again["milestones"] == res["milestones"] and not (tmp_path / "fresh" / "train").exists()
+    with pytest.raises(ValueError, match="increasing"):
+        L.LengthConfig(milestones=[6, 3]).validate()

@@ -1,0 +1,214 @@
+"""How long must the main job train? Zero-shot identity transfer against training length.
+
+    python scripts/run_world_length.py [milestones=[4000,8000,16000]] [out=testbed_out/world_length]
+
+One training run of ``configs/faces.yaml`` on the demo's data (training people 0-1499, 4 photos
+each, world-backend shards made by ``scripts/prepare_shards.py`` as ``make demo`` makes them),
+continued milestone by milestone in one output folder: ``max_steps`` is a change the trainer
+resumes across, and the learning rate is constant after its warm-up, so the run that reaches
+16,000 steps passes through the states a 4,000-step run ends in. At each milestone the adapter
+is exported, kept as ``adapter-<steps>/`` and evaluated zero-shot on held-out people
+(``accord_face.world.evaluate``: identity similarity and retrieval with the independent
+recognizer, context accuracy, coupling, CLIP-T, and the instruments' ceiling). Each milestone's
+``metrics.json`` is archived (``docs/world/length/``), with ``curve.json`` and ``curve.png``.
+
+Resumable at every level: a finished milestone is never redone (its archived metrics are the
+record), a killed training resumes from its last checkpoint (every 200 steps), and
+``stop_at=HH:MM`` starts no milestone whose last segment's pace says it would end later.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import field
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class LengthConfig:
+    out: str = field("testbed_out/world_length", help="working folder (photos, shards, training, evaluations)")
+    archive: str = field("docs/world/length", help="committed copy of each milestone's metrics.json and the curve")
+    config: str = field("configs/faces.yaml", help="trainer config (its max_steps is replaced by the milestones)")
+    milestones: list[int] = field(default_factory=lambda: [4000, 8000, 12000, 16000],
+                                  help="training steps at which the adapter is exported and evaluated (increasing)")
+    train_identities: int = field(1500, help="training people 0..N-1, as make demo")
+    photos_per_identity: int = field(4, help="photos per training person")
+    identities: int = field(50, help="held-out people evaluated")
+    eval_steps: int = field(25, help="denoising steps at evaluation")
+    threads: int = field(1, help="torch threads of the trainer and the evaluation")
+    port: int = field(29890, help="rendezvous port of the deepspeed launcher")
+    stop_at: str = field("", help="'HH:MM' UTC: start no milestone that the last segment's pace says ends later")
+    overrides: list[str] = field(default_factory=list, help="extra trainer key=value overrides (enter the run's name)")
+
+    def validate(self) -> None:
+        m = self.milestones
+        if not m or any(b <= a for a, b in zip(m, m[1:])) or m[0] < 1:
+            raise ValueError(f"milestones must be positive and increasing, got {m}")
+        if self.stop_at and not __import__("re").fullmatch(r"\d\d:\d\d", self.stop_at):
+            raise ValueError(f"stop_at is {self.stop_at!r}; use 'HH:MM' (UTC) or ''")
+
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"), TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def ensure_shards(cfg: LengthConfig, out: Path) -> Path:
+    """The demo's training data through the real path: world photos -> prepare_shards --backend world."""
+    from .photos import write_training_photos
+
+    shards = out / "shards"
+    if (shards / "manifest.json").is_file():
+        return shards
+    photos = write_training_photos(out / "photos", range(cfg.train_identities), cfg.photos_per_identity, seed=0)
+    subprocess.run([sys.executable, str(REPO / "scripts/prepare_shards.py"), "--input", str(photos), "--output",
+                    str(shards), "--backend", "world", "--resolution", "64", "--context-scale", "8",
+                    "--min-image-size", "32", "--workers", "1", "--no-progress"], check=True, env=_env(cfg.threads))
+    return shards
+
+
+def train_to(cfg: LengthConfig, out: Path, shards: Path, steps: int) -> Path:
+    """Continue the one training run to ``steps`` and keep its exported adapter as ``adapter-<steps>``."""
+    kept = out / f"adapter-{steps}"
+    if (kept / "adapter_config.json").is_file():
+        return kept
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed), "--num_gpus", "1", "--master_port", str(cfg.port), str(REPO / "scripts/train_encoder.py"),
+           "--config", str(REPO / cfg.config), f"shards={shards}", f"output_dir={out / 'train'}", f"max_steps={steps}",
+           "logging.progress=false", *cfg.overrides]
+    with open(out / "train.log", "a") as logf:
+        subprocess.run(cmd, check=True, stdout=logf, stderr=subprocess.STDOUT, env=_env(cfg.threads), cwd=REPO)
+    adapter = out / "train" / "adapter"
+    done = json.loads((adapter / "adapter_config.json").read_text())
+    if done.get("train_steps") != steps:
+        raise RuntimeError(f"{adapter} is at step {done.get('train_steps')}, expected {steps}; see {out / 'train.log'}")
+    tmp = out / f".adapter-{steps}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(adapter, tmp)
+    tmp.replace(kept)
+    return kept
+
+
+def evaluate(cfg: LengthConfig, adapter: Path, folder: Path) -> dict:
+    import torch
+
+    from .evaluate import WorldEvalConfig, run_world_eval
+
+    if (folder / "metrics.json").is_file():
+        return json.loads((folder / "metrics.json").read_text())
+    torch.set_num_threads(cfg.threads)
+    return run_world_eval(WorldEvalConfig(adapter=str(adapter), out=str(folder), identities=cfg.identities,
+                                          steps=cfg.eval_steps))
+
+
+def _deadline(stop_at: str) -> float | None:
+    if not stop_at:
+        return None
+    h, m = (int(x) for x in stop_at.split(":"))
+    now = dt.datetime.now(dt.timezone.utc)
+    return now.replace(hour=h, minute=m, second=0, microsecond=0).timestamp()
+
+
+def curve(milestones: dict[int, dict]) -> dict:
+    """Per milestone the headline figures (mean and 95 % interval over held-out people) and the paired
+    adapter-minus-base difference; the instruments' ceiling once."""
+    rows = {}
+    for steps, m in sorted(milestones.items()):
+        a, pair = m["arms"]["adapter"], m.get("paired_adapter_minus_base", {})
+        rows[str(steps)] = {k: {"mean": a[k]["mean"], "ci95": a[k]["ci95"]}
+                            for k in ("identity_similarity", "retrieval_top1", "context_accuracy", "coupling_rate",
+                                      "clip_t")}
+        rows[str(steps)]["paired_identity_similarity"] = pair.get("identity_similarity")
+        rows[str(steps)]["context_accuracy_ratio_vs_base"] = m.get("context_accuracy_ratio_vs_base")
+    first = next(iter(milestones.values()), {})
+    return {"milestones": rows, "base": {k: first["arms"]["base"][k]["mean"] for k in
+                                         ("identity_similarity", "retrieval_top1")} if first else None,
+            "render_ceiling": first.get("render_ceiling"), "chance_top1": first.get("chance_top1")}
+
+
+def write_plot(c: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [int(s) for s in c["milestones"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "identity_similarity", "identity similarity (world_b cos)"),
+                           (axes[1], "retrieval_top1", "retrieval top-1 among held-out people")):
+        mean = [c["milestones"][str(s)][key]["mean"] for s in steps]
+        lo = [m - (c["milestones"][str(s)][key]["ci95"] or [m, m])[0] for m, s in zip(mean, steps)]
+        hi = [(c["milestones"][str(s)][key]["ci95"] or [m, m])[1] - m for m, s in zip(mean, steps)]
+        ax.errorbar(steps, mean, yerr=[lo, hi], marker="o", capsize=3, label="adapter (scale 1)")
+        if c.get("base"):
+            ax.axhline(c["base"][key], color="grey", ls=":", label="no adapter")
+        ceil = (c.get("render_ceiling") or {}).get(key)
+        if ceil:
+            ax.axhline(ceil["mean"], color="green", ls="--", label="ceiling: clean renders")
+        if key == "retrieval_top1":
+            ax.axhline(0.5, color="red", ls="-.", lw=0.8, label="target 0.5")
+        ax.set_xlabel("training steps")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Zero-shot identity transfer vs training length (50 held-out people, 95 % intervals)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_length(cfg: LengthConfig) -> dict:
+    from ..pipeline import atomic_write_text
+
+    cfg.validate()
+    out, archive = Path(cfg.out), (REPO / cfg.archive if cfg.archive else None)
+    out.mkdir(parents=True, exist_ok=True)
+    done: dict[int, dict] = {}
+    for steps in cfg.milestones:
+        saved = archive / f"steps-{steps}.json" if archive else None
+        if saved is not None and saved.is_file():
+            done[steps] = json.loads(saved.read_text())
+    deadline, pace = _deadline(cfg.stop_at), None          # pace: seconds per training step, last segment
+    last = 0
+    for steps in cfg.milestones:
+        if steps in done:
+            last = steps
+            continue
+        if deadline is not None and pace is not None and time.time() + pace * (steps - last) * 1.1 > deadline:
+            log.info("stopping before milestone %d: it would not end before stop_at=%s", steps, cfg.stop_at)
+            break
+        shards = ensure_shards(cfg, out)
+        tic = time.time()
+        adapter = train_to(cfg, out, shards, steps)
+        pace = (time.time() - tic) / max(steps - last, 1)
+        metrics = evaluate(cfg, adapter, out / f"eval-{steps}")
+        done[steps] = metrics
+        last = steps
+        if archive is not None:
+            archive.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(archive / f"steps-{steps}.json", json.dumps(metrics, indent=1) + "\n")
+        log.info("milestone %d: identity similarity %.3f, retrieval top-1 %.3f", steps,
+                 metrics["arms"]["adapter"]["identity_similarity"]["mean"],
+                 metrics["arms"]["adapter"]["retrieval_top1"]["mean"])
+    result = curve(done)
+    result["pending"] = [s for s in cfg.milestones if s not in done]
+    for folder in [out] + ([archive] if archive is not None else []):
+        atomic_write_text(folder / "curve.json", json.dumps(result, indent=1) + "\n")
+        if done:
+            write_plot(result, folder / "curve.png")
+    return result
