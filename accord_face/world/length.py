@@ -41,7 +41,7 @@ class LengthConfig:
     out: str = field("testbed_out/world_length", help="working folder (photos, shards, training, evaluations)")
     archive: str = field("docs/world/length", help="committed copy of each milestone's metrics.json and the curve")
     config: str = field("configs/faces.yaml", help="trainer config (its max_steps is replaced by the milestones)")
-    milestones: list[int] = field(default_factory=lambda: [4000, 8000, 12000, 16000],
+    milestones: list[int] = field(default_factory=lambda: [4000, 8000, 12000, 16000, 24000, 32000],
                                   help="training steps at which the adapter is exported and evaluated (increasing)")
     train_identities: int = field(1500, help="training people 0..N-1, as make demo")
     photos_per_identity: int = field(4, help="photos per training person")
