@@ -1,7 +1,7 @@
 """Identity transfer vs training length on the identity world: ``python scripts/run_world_length.py [key=value ...]``.
 
-Continues one run of configs/faces.yaml milestone by milestone (default 4,000 / 8,000 / 12,000 / 16,000
-steps), evaluates each milestone's adapter on 50 held-out people, and writes curve.json / curve.png to
+Continues one run of configs/faces.yaml milestone by milestone (default 4,000 / 8,000 / 12,000 / 16,000 /
+24,000 / 32,000 steps), evaluates each milestone's adapter on 50 held-out people, and writes curve.json / curve.png to
 testbed_out/world_length and docs/world/length (accord_face/world/length.py). Resumable: finished
 milestones are kept, a killed training resumes from its checkpoint. Example: ``milestones=[4000,8000]
 stop_at=17:30``.

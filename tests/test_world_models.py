@@ -179,5 +179,11 @@ def test_length_curve_continues_one_run_and_never_redoes_a_milestone(world_dir, 
     # a fresh working folder with the same archive: the curve comes back, nothing trains
     again = L.run_length(L.LengthConfig(**{**cfg.__dict__, "out": str(tmp_path / "fresh")}))
     assert again["milestones"] == res["milestones"] and not (tmp_path / "fresh" / "train").exists()
+    # a new milestone in a fresh folder continues from the archived checkpoint of step 6, not from step 0
+    assert [p.name for p in (tmp_path / "docs" / "resume" / "train" / "checkpoints").iterdir()] == ["step-00000006"]
+    more = L.run_length(L.LengthConfig(**{**cfg.__dict__, "out": str(tmp_path / "fresh"), "milestones": [3, 6, 9]}))
+    rows = [json.loads(x) for x in (tmp_path / "fresh" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [7, 8, 9] and set(more["milestones"]) == {"3", "6", "9"}
+    assert [p.name for p in (tmp_path / "docs" / "resume" / "train" / "checkpoints").iterdir()] == ["step-00000009"]
     with pytest.raises(ValueError, match="increasing"):
         L.LengthConfig(milestones=[6, 3]).validate()

@@ -13,7 +13,9 @@ recognizer, context accuracy, coupling, CLIP-T, and the instruments' ceiling). E
 ``metrics.json`` is archived (``docs/world/length/``), with ``curve.json`` and ``curve.png``.
 
 Resumable at every level: a finished milestone is never redone (its archived metrics are the
-record), a killed training resumes from its last checkpoint (every 200 steps), and
+record), a killed training resumes from its last checkpoint (every 200 steps), the latest
+milestone's checkpoint is archived too (``resume/``, 4.5 MB) so that a new checkout continues the
+run instead of retraining it, and
 ``stop_at=HH:MM`` starts no milestone whose last segment's pace says it would end later.
 """
 
@@ -81,7 +83,39 @@ def ensure_shards(cfg: LengthConfig, out: Path) -> Path:
     return shards
 
 
-def train_to(cfg: LengthConfig, out: Path, shards: Path, steps: int) -> Path:
+RESUME = "resume"   # archive subfolder: the latest milestone's checkpoint, so a new checkout continues the run
+
+
+def archive_resume_point(out: Path, archive: Path, steps: int) -> int:
+    """Gzip the checkpoint the run ended at (``steps``) and its run config into ``archive/resume``, replacing
+    an earlier milestone's (4.5 MB for configs/faces.yaml: adapter weights and Adam state, weights-only)."""
+    from .. import archive as arch
+
+    ck = out / "train" / "checkpoints" / f"step-{steps:08d}"
+    if not (ck / "COMPLETE").is_file():
+        log.warning("no complete checkpoint at %s: a later checkout will retrain up to milestone %d", ck, steps)
+        return 0
+    dest = archive / RESUME
+    for old in (dest / "train" / "checkpoints").glob("step-*"):
+        if old.name != ck.name:
+            shutil.rmtree(old)
+    return arch.save(out, dest, sorted(p for p in ck.iterdir() if p.is_file()) + [out / "train" / "config.yaml"])
+
+
+def restore_resume_point(out: Path, archive: Path | None) -> bool:
+    """A working folder without the run gets the archived checkpoint (True: restored, so resume with force:
+    the stored config names the shards by the absolute path of the checkout that wrote it)."""
+    from .. import archive as arch
+
+    if archive is None or (out / "train" / "checkpoints").is_dir() or not (archive / RESUME).is_dir():
+        return False
+    n = arch.restore(out, archive / RESUME)
+    if n:
+        log.info("restored the run's checkpoint from %s (%d files)", archive / RESUME, n)
+    return n > 0
+
+
+def train_to(cfg: LengthConfig, out: Path, shards: Path, steps: int, restored: bool = False) -> Path:
     """Continue the one training run to ``steps`` and keep its exported adapter as ``adapter-<steps>``."""
     kept = out / f"adapter-{steps}"
     if (kept / "adapter_config.json").is_file():
@@ -90,6 +124,8 @@ def train_to(cfg: LengthConfig, out: Path, shards: Path, steps: int) -> Path:
     cmd = [str(deepspeed), "--num_gpus", "1", "--master_port", str(cfg.port), str(REPO / "scripts/train_encoder.py"),
            "--config", str(REPO / cfg.config), f"shards={shards}", f"output_dir={out / 'train'}", f"max_steps={steps}",
            "logging.progress=false", *cfg.overrides]
+    if restored:
+        cmd.append("checkpointing.resume_from_checkpoint=force")
     with open(out / "train.log", "a") as logf:
         subprocess.run(cmd, check=True, stdout=logf, stderr=subprocess.STDOUT, env=_env(cfg.threads), cwd=REPO)
     adapter = out / "train" / "adapter"
@@ -184,7 +220,7 @@ def run_length(cfg: LengthConfig) -> dict:
         if saved is not None and saved.is_file():
             done[steps] = json.loads(saved.read_text())
     deadline, pace = _deadline(cfg.stop_at), None          # pace: seconds per training step, last segment
-    last = 0
+    last, restored = 0, False
     for steps in cfg.milestones:
         if steps in done:
             last = steps
@@ -193,8 +229,9 @@ def run_length(cfg: LengthConfig) -> dict:
             log.info("stopping before milestone %d: it would not end before stop_at=%s", steps, cfg.stop_at)
             break
         shards = ensure_shards(cfg, out)
+        restored = restore_resume_point(out, archive) or restored
         tic = time.time()
-        adapter = train_to(cfg, out, shards, steps)
+        adapter = train_to(cfg, out, shards, steps, restored)
         pace = (time.time() - tic) / max(steps - last, 1)
         metrics = evaluate(cfg, adapter, out / f"eval-{steps}")
         done[steps] = metrics
@@ -202,6 +239,7 @@ def run_length(cfg: LengthConfig) -> dict:
         if archive is not None:
             archive.mkdir(parents=True, exist_ok=True)
             atomic_write_text(archive / f"steps-{steps}.json", json.dumps(metrics, indent=1) + "\n")
+            archive_resume_point(out, archive, steps)
         log.info("milestone %d: identity similarity %.3f, retrieval top-1 %.3f", steps,
                  metrics["arms"]["adapter"]["identity_similarity"]["mean"],
                  metrics["arms"]["adapter"]["retrieval_top1"]["mean"])
