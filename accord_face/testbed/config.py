@@ -125,8 +125,9 @@ class TestbedConfig:
     def validate(self) -> None:
         if not self.seeds or not self.ref_sets:
             raise ValueError("testbed: need at least one seed and one reference set")
-        if self.stop_at and not __import__("re").fullmatch(r"\d\d:\d\d", self.stop_at):
-            raise ValueError(f"stop_at is {self.stop_at!r}; use 'HH:MM' (UTC) or ''")
+        from accord_face import stop_at
+
+        stop_at.validate(self.stop_at)
         if self.reference_arm in ("", "base"):
             raise ValueError(f"reference_arm is {self.reference_arm!r}; name a fine-tuned arm (baseline, baseline_pp)")
         clash = sorted(set(self.seeds) & set(self.strength.seeds))

@@ -12,7 +12,6 @@ most the run in progress; a later session carries on.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from accord_face import stop_at
 from accord_face.config import ConfigError, to_dict
 from accord_face.testbed.arms import (CONTEXTS, DEFAULT_ARMS, Arm, calibrate_lambda, class_images, finetune,
                                       make_arms, reference_set)
@@ -81,15 +81,6 @@ def _tail_mean(xs: list[float], frac: float, last: bool) -> float | None:
     return float(np.mean(xs[-k:] if last else xs[:k]))
 
 
-def _deadline(stop_at: str) -> float | None:
-    """'HH:MM' (UTC, today) -> epoch seconds; '' -> None."""
-    if not stop_at:
-        return None
-    h, m = (int(x) for x in stop_at.split(":"))
-    now = dt.datetime.now(dt.timezone.utc)
-    return now.replace(hour=h, minute=m, second=0, microsecond=0).timestamp()
-
-
 class Runner:
     """One (arm, reference set, seed) run = fine-tune + generate + judge, cached as JSON + npz."""
 
@@ -97,7 +88,7 @@ class Runner:
         self.cfg, self.base, self.judge, self.judge_id, self.cache = cfg, base, judge, judge_id, cache
         self.refsets: dict[tuple[int, bool], object] = {}
         self._prior = None
-        self.deadline = _deadline(cfg.stop_at)
+        self.deadline = stop_at.deadline(cfg.stop_at)
         self.durations: dict[str, float] = {}
         self.skipped: list[str] = []
 

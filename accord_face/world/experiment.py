@@ -137,10 +137,15 @@ def ensure_shards(out: Path, name: str, progress: bool = True) -> Path:
     if (shards / "manifest.json").is_file():
         return shards
     photos = write_coupling_photos(out / "data" / data.name / "photos", data, progress=progress)
+    return prepare_world_shards(photos, shards)
+
+
+def prepare_world_shards(photos: Path, shards: Path, env: dict | None = None) -> Path:
+    """``scripts/prepare_shards.py --backend world`` at the world's 64 px, one worker (as make demo)."""
     cmd = [sys.executable, str(REPO / "scripts/prepare_shards.py"), "--input", str(photos), "--output", str(shards),
            "--backend", "world", "--resolution", "64", "--context-scale", "8", "--min-image-size", "32",
            "--workers", "1", "--no-progress"]
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=env)
     return shards
 
 
@@ -180,11 +185,24 @@ def run_key(arm_name: str, arm: Arm, overrides: list[str], cfg: ExperimentConfig
     return f"{arm_name}-{hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
-def _env(cfg: ExperimentConfig) -> dict:
+def world_env(threads: int) -> dict:
+    """The environment of a world job's subprocesses: ``threads`` torch threads, offline, CPU DeepSpeed."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads), HF_HUB_OFFLINE="1",
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"), TOKENIZERS_PARALLELISM="false")
     return env
+
+
+def launch_train_encoder(config: str, shards: Path, output_dir: Path, steps: int, port: int, extra: list[str],
+                         log_path: Path, threads: int) -> None:
+    """``deepspeed --num_gpus 1 scripts/train_encoder.py --config CONFIG shards=... output_dir=... max_steps=N
+    EXTRA...``, output appended to ``log_path``; raises CalledProcessError when the trainer fails."""
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed), "--num_gpus", "1", "--master_port", str(port), str(REPO / "scripts/train_encoder.py"),
+           "--config", str(REPO / config), f"shards={shards}", f"output_dir={output_dir}", f"max_steps={steps}",
+           *extra]
+    with open(log_path, "a") as logf:
+        subprocess.run(cmd, check=True, stdout=logf, stderr=subprocess.STDOUT, env=world_env(threads), cwd=REPO)
 
 
 def train_run(cfg: ExperimentConfig, run_dir: Path, shards: Path, overrides: list[str], seed: int, port: int) -> Path:
@@ -193,14 +211,10 @@ def train_run(cfg: ExperimentConfig, run_dir: Path, shards: Path, overrides: lis
     done = adapter / "adapter_config.json"
     if done.is_file() and json.loads(done.read_text()).get("train_steps") == cfg.steps:
         return adapter
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", "1", "--master_port", str(port), str(REPO / "scripts/train_encoder.py"),
-           "--config", str(REPO / cfg.config), f"shards={shards}", f"output_dir={run_dir / 'train'}",
-           f"max_steps={cfg.steps}", f"seed={seed}", "checkpoint.every_n_steps=250",
-           "validation.every_n_steps=0", "logging.progress=false", *overrides]
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "train.log", "a") as logf:
-        subprocess.run(cmd, check=True, stdout=logf, stderr=subprocess.STDOUT, env=_env(cfg), cwd=REPO)
+    launch_train_encoder(cfg.config, shards, run_dir / "train", cfg.steps, port,
+                         [f"seed={seed}", "checkpoint.every_n_steps=250", "validation.every_n_steps=0",
+                          "logging.progress=false", *overrides], run_dir / "train.log", cfg.threads)
     return adapter
 
 

@@ -21,17 +21,15 @@ run instead of retraining it, and
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import stop_at
 from ..config import field
 
 log = logging.getLogger(__name__)
@@ -58,29 +56,19 @@ class LengthConfig:
         m = self.milestones
         if not m or any(b <= a for a, b in zip(m, m[1:])) or m[0] < 1:
             raise ValueError(f"milestones must be positive and increasing, got {m}")
-        if self.stop_at and not __import__("re").fullmatch(r"\d\d:\d\d", self.stop_at):
-            raise ValueError(f"stop_at is {self.stop_at!r}; use 'HH:MM' (UTC) or ''")
-
-
-def _env(threads: int) -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
-               DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"), TOKENIZERS_PARALLELISM="false")
-    return env
+        stop_at.validate(self.stop_at)
 
 
 def ensure_shards(cfg: LengthConfig, out: Path) -> Path:
     """The demo's training data through the real path: world photos -> prepare_shards --backend world."""
+    from .experiment import prepare_world_shards, world_env
     from .photos import write_training_photos
 
     shards = out / "shards"
     if (shards / "manifest.json").is_file():
         return shards
     photos = write_training_photos(out / "photos", range(cfg.train_identities), cfg.photos_per_identity, seed=0)
-    subprocess.run([sys.executable, str(REPO / "scripts/prepare_shards.py"), "--input", str(photos), "--output",
-                    str(shards), "--backend", "world", "--resolution", "64", "--context-scale", "8",
-                    "--min-image-size", "32", "--workers", "1", "--no-progress"], check=True, env=_env(cfg.threads))
-    return shards
+    return prepare_world_shards(photos, shards, env=world_env(cfg.threads))
 
 
 RESUME = "resume"   # archive subfolder: the latest milestone's checkpoint, so a new checkout continues the run
@@ -120,14 +108,11 @@ def train_to(cfg: LengthConfig, out: Path, shards: Path, steps: int, restored: b
     kept = out / f"adapter-{steps}"
     if (kept / "adapter_config.json").is_file():
         return kept
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", "1", "--master_port", str(cfg.port), str(REPO / "scripts/train_encoder.py"),
-           "--config", str(REPO / cfg.config), f"shards={shards}", f"output_dir={out / 'train'}", f"max_steps={steps}",
-           "logging.progress=false", *cfg.overrides]
-    if restored:
-        cmd.append("checkpointing.resume_from_checkpoint=force")
-    with open(out / "train.log", "a") as logf:
-        subprocess.run(cmd, check=True, stdout=logf, stderr=subprocess.STDOUT, env=_env(cfg.threads), cwd=REPO)
+    from .experiment import launch_train_encoder
+
+    extra = ["logging.progress=false", *cfg.overrides] + (["checkpointing.resume_from_checkpoint=force"] if restored
+                                                          else [])
+    launch_train_encoder(cfg.config, shards, out / "train", steps, cfg.port, extra, out / "train.log", cfg.threads)
     adapter = out / "train" / "adapter"
     done = json.loads((adapter / "adapter_config.json").read_text())
     if done.get("train_steps") != steps:
@@ -149,14 +134,6 @@ def evaluate(cfg: LengthConfig, adapter: Path, folder: Path) -> dict:
     torch.set_num_threads(cfg.threads)
     return run_world_eval(WorldEvalConfig(adapter=str(adapter), out=str(folder), identities=cfg.identities,
                                           steps=cfg.eval_steps))
-
-
-def _deadline(stop_at: str) -> float | None:
-    if not stop_at:
-        return None
-    h, m = (int(x) for x in stop_at.split(":"))
-    now = dt.datetime.now(dt.timezone.utc)
-    return now.replace(hour=h, minute=m, second=0, microsecond=0).timestamp()
 
 
 def curve(milestones: dict[int, dict]) -> dict:
@@ -219,7 +196,7 @@ def run_length(cfg: LengthConfig) -> dict:
         saved = archive / f"steps-{steps}.json" if archive else None
         if saved is not None and saved.is_file():
             done[steps] = json.loads(saved.read_text())
-    deadline, pace = _deadline(cfg.stop_at), None          # pace: seconds per training step, last segment
+    deadline, pace = stop_at.deadline(cfg.stop_at), None          # pace: seconds per training step, last segment
     last, restored = 0, False
     for steps in cfg.milestones:
         if steps in done:
