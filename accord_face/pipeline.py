@@ -295,6 +295,18 @@ class FaceIDGenerator:
                         "pass --pretrained %s for the base it was trained on (ignore this if you retarget on purpose)",
                         self.adapter_dir, describe_base(recorded), describe_base(current), why, recorded.get("name"))
 
+    def set_identity_lora(self, on: bool) -> None:
+        """Switch the adapter's identity LoRA on (at ``lora_scale``) or off (the base UNet): an adapter-scale-0
+        draw of an adapter with a LoRA is the base model only with the LoRA off too. No-op without one."""
+        if not self.identity_lora:
+            return
+        from .family.identity_lora import ADAPTER_NAME
+
+        names, weights = [ADAPTER_NAME], [self.lora_scale if on else 0.0]
+        if self.lora_dir:
+            names, weights = names + ["lora"], weights + [self.lora_scale]
+        self.pipe.set_adapters(names, adapter_weights=weights)
+
     @property
     def resolution(self) -> int:
         res = self.adapter_cfg.get("resolution")

@@ -1,7 +1,7 @@
 """The config sections both trainers share, with the names of diffusers' example scripts.
 
-    optimizer:      learning_rate, adam_weight_decay, adam_beta1, adam_beta2, adam_epsilon, lr_warmup_steps,
-                    max_grad_norm, gradient_accumulation_steps
+    optimizer:      learning_rate, lr_scheduler, adam_weight_decay, adam_beta1, adam_beta2, adam_epsilon,
+                    lr_warmup_steps, max_grad_norm, gradient_accumulation_steps
     checkpointing:  checkpointing_steps, checkpoints_total_limit, resume_from_checkpoint
     validation:     validation_steps, validation_prompts, num_inference_steps, guidance_scale
     precision:      mixed_precision (auto | no | fp16 | bf16)
@@ -23,13 +23,43 @@ from typing import Any, Literal
 
 from .config import Renamed, field
 
-__all__ = ["OptimizerConfig", "CheckpointingConfig", "ValidationConfig", "PrecisionConfig", "LoggingConfig",
+__all__ = ["OptimizerConfig", "LR_SCHEDULES", "lr_factor", "CheckpointingConfig", "ValidationConfig", "PrecisionConfig", "LoggingConfig",
            "Renamed", "accelerate_precision", "resume_value", "precision_value", "report_to_value"]
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "constant") -> float:
+    """Learning-rate multiplier of optimizer step ``step`` (0-based), diffusers' ``get_scheduler`` schedules:
+
+        warm-up (t < W):  t / W
+        constant:         1                                   (``constant_with_warmup``)
+        linear:           max(0, (T - t) / (T - W))           (``linear``: 0 at t = T)
+        cosine:           max(0, (1 + cos(pi * (t - W) / (T - W))) / 2)      (``cosine``, half a period)
+
+    A pure function of the step, so a resumed run needs no scheduler state beyond the step.
+    """
+    import math
+
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    if step < warmup_steps:
+        return step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, (total_steps - step) / span)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span))))
 
 
 @dataclass
 class OptimizerConfig:
     learning_rate: float = field(1e-4, help="AdamW learning rate")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = field(
+        "constant", help="after the warm-up: constant, linear to 0 or cosine to 0 at max_steps (diffusers' "
+                         "constant_with_warmup / linear / cosine)")
     adam_weight_decay: float = field(1e-2, help="AdamW weight decay")
     adam_beta1: float = field(0.9, help="AdamW beta1")
     adam_beta2: float = field(0.999, help="AdamW beta2")

@@ -131,3 +131,23 @@ def test_lr_warmup_is_diffusers_constant_with_warmup():
         sched.step()
     assert ours == pytest.approx(theirs) and ours[0] == 0.0 and ours[-1] == 1.0
     assert warmup_factor(0, 0) == 1.0
+
+
+@pytest.mark.parametrize("schedule,theirs_name", [("constant", "constant_with_warmup"), ("linear", "linear"),
+                                                  ("cosine", "cosine")])
+def test_lr_factor_is_diffusers_get_scheduler(schedule, theirs_name):
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    from accord_face.sections import lr_factor
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_scheduler(theirs_name, opt, num_warmup_steps=3, num_training_steps=10)
+    for step in range(11):
+        assert lr_factor(step, 3, 10, schedule) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), step
+        opt.step()
+        sched.step()
+    if schedule != "constant":                    # past the end it stays at 0 (diffusers' cosine would rise again)
+        assert lr_factor(10, 3, 10, schedule) == lr_factor(13, 3, 10, schedule) == 0.0
+    with pytest.raises(ValueError, match="lr_scheduler must be one of"):
+        lr_factor(0, 0, 1, "exponential")

@@ -102,3 +102,38 @@ def test_lora_exports_beside_adapter_and_loads_with_scale(tiny_pipeline_dir, tmp
 
 def test_no_lora_file_no_load(tmp_path):
     assert load_identity_lora(object(), tmp_path) is False
+
+
+def test_generator_switches_the_identity_lora_off_for_the_base_draw(tiny_pipeline_dir, tmp_path):
+    """``set_identity_lora(False)``: the UNet of an adapter+LoRA generator equals the LoRA-free one (an
+    adapter-scale-0 arm of an evaluation is then the base model); True restores the LoRA."""
+    from accord_face.pipeline import FaceIDGenerator
+
+    model, _ = _model(tiny_pipeline_dir, "faceid")
+    out = adapter.export_adapter(tmp_path / "adapter", model.encoder, model.unet,
+                                 {"base_model": tiny_pipeline_dir, "encoder": "faceid", "num_tokens": 4,
+                                  "id_embed_dim": 128, "recognizer": {"name": None, "embedding_dim": 128},
+                                  "cross_attention_dim": model.unet.config.cross_attention_dim},
+                                 extra=lambda d: save_identity_lora(d, model.unet, False))
+    gen = FaceIDGenerator(out, tiny_pipeline_dir, "cpu")
+    assert gen.identity_lora
+    cad = gen.pipe.unet.config.cross_attention_dim
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([20, 800]), torch.randn(2, 77, cad)
+    ident = torch.nn.functional.normalize(torch.randn(2, 128), dim=-1)
+
+    def unet():
+        with torch.no_grad():
+            return gen.pipe.unet(x, t, encoder_hidden_states=text,
+                                 added_cond_kwargs={"image_embeds": adapter.per_sample_image_embeds(ident)}).sample
+
+    on = unet()
+    gen.set_identity_lora(False)
+    off = unet()
+    with torch.no_grad():
+        model.unet.disable_adapters()
+        ours_off, _ = model(x, t, text, ident, None)
+        model.unet.enable_adapters()
+    torch.testing.assert_close(off, ours_off, rtol=1e-4, atol=1e-5)
+    assert (on - off).abs().max() > 1e-5
+    gen.set_identity_lora(True)
+    torch.testing.assert_close(unet(), on)

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import save_config
+from ..sections import lr_factor
 from .config import LoraTrainConfig
 from .data import ReferenceSet, class_image_batch, make_synthetic_references
 from .checkpoints import find_resume, load_checkpoint, prune_checkpoints, register_hooks, save_checkpoint
@@ -138,10 +139,9 @@ def prepare_references(cfg: LoraTrainConfig, out: Path, resolution: int, log) ->
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """Learning-rate multiplier of optimizer step ``step`` (0-based): lr_t = lr * min(1, t / W).
 
-    diffusers' ``constant_with_warmup`` schedule; a pure function of the step, so a resumed run needs
-    no scheduler state.
+    diffusers' ``constant_with_warmup`` schedule (``sections.lr_factor`` with ``constant``).
     """
-    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+    return lr_factor(step, warmup_steps, 0, "constant")
 
 
 def run_config_changes(cfg: LoraTrainConfig, stored_path: Path) -> list[str]:
@@ -303,7 +303,7 @@ def train_lora(cfg: LoraTrainConfig, log=None) -> dict:
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * warmup_factor(step, opt.lr_warmup_steps)
+            g["lr"] = g["base_lr"] * lr_factor(step, opt.lr_warmup_steps, cfg.max_steps, opt.lr_scheduler)
         for micro in range(gas):
             index = (step * gas + micro) * accelerator.num_processes + accelerator.process_index
             batch = make_batch(models, refset, class_paths, cfg, index)

@@ -176,6 +176,9 @@ class TrainConfig:
     shards: str = field("", help="training shards: folder of *.tar, glob or brace pattern (scripts/prepare_shards.py)")
     output_dir: str = field("outputs/train", help="checkpoints, adapter/, logs/, samples/, config.yaml")
     max_steps: int = field(1000, help="optimizer steps")
+    init_adapter: str = field("", help="start from an exported adapter folder (an earlier run's OUTPUT/adapter: "
+                                       "same encoder kind, tokens and sizes) instead of a fresh encoder; fresh "
+                                       "optimizer, step 0; its identity LoRA is not loaded; a resumed checkpoint wins")
     seed: int = field(0, help="global seed (noise, t and dropout are drawn per sample from (seed, step, key))")
     resolution: int = field(512, help="training image size (64 for the embedded tiny pipeline)")
     clip_model: str = field("auto", help="CLIPTextModelWithProjection for PDLoss: hub id, folder, or auto "
@@ -269,6 +272,8 @@ def preflight(cfg: TrainConfig) -> ShardInfo:
     rec.setdefault("name", None)
     rec.setdefault("backend", manifest.get("backend"))
     rec["embedding_dim"] = int(dim) if dim is not None else cfg.encoder.id_embed_dim
+    if cfg.init_adapter:
+        check_init_adapter(cfg)
     ds_path = Path(cfg.deepspeed.config)
     if not ds_path.is_file() and not ds_path.is_absolute():
         from ..train_flags import resolve_config_path
@@ -288,3 +293,27 @@ def preflight(cfg: TrainConfig) -> ShardInfo:
                           f"({ds_path}); use dd_reference=live or ZeRO-1/2")
     return ShardInfo(urls=urls, embedding_key=cfg.data.embedding_key or manifest.get("embedding_key"),
                      embedding_dim=int(dim) if dim is not None else None, recognizer=rec)
+
+
+def check_init_adapter(cfg: TrainConfig) -> dict:
+    """``init_adapter``'s adapter_config.json, or ConfigError when it is no adapter folder or its encoder
+    (kind, tokens, sizes) differs from ``cfg.encoder`` (the weights would not fit)."""
+    from pathlib import Path
+
+    from ..adapter import WEIGHT_NAME, load_adapter_config
+
+    folder = Path(cfg.init_adapter)
+    try:
+        info = load_adapter_config(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"'init_adapter': {err}") from None
+    if not (folder / WEIGHT_NAME).is_file():
+        raise ConfigError(f"'init_adapter': {folder / WEIGHT_NAME} not found (export the run again)")
+    e = cfg.encoder
+    want = {"encoder": e.kind, "num_tokens": e.num_tokens, "id_embed_dim": e.id_embed_dim}
+    diff = [f"{k}={info.get(k)!r} there, {v!r} here" for k, v in want.items() if info.get(k) != v]
+    if diff:
+        raise ConfigError(f"'init_adapter': {folder} does not fit this encoder ({'; '.join(diff)}); set the "
+                          "encoder section as that run had it or start fresh (init_adapter='')")
+    return info
+

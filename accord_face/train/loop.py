@@ -24,6 +24,7 @@ from .. import adapter, export_formats
 from ..quiet import phase
 from ..config import ConfigError, save_config, to_dict
 from ..data import build_dataset
+from ..sections import lr_factor
 from ..fingerprint import base_fingerprint
 from ..tiny import resolve_pretrained
 from . import checkpoint as ckpt
@@ -88,11 +89,26 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
         "steps_per_print": 10 ** 9,
     })
     ds.pop("train_batch_size", None)
-    if o.lr_warmup_steps > 0:
+    if o.lr_warmup_steps > 0 and o.lr_scheduler == "constant":      # DeepSpeed's own (checkpoints of earlier runs)
         ds["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": o.learning_rate,
                                                            "warmup_num_steps": o.lr_warmup_steps,
                                                            "warmup_type": "linear"}}
     return ds
+
+
+def lr_scheduler(cfg: TrainConfig):
+    """The decaying schedules (``optimizer.lr_scheduler`` linear / cosine) as a client scheduler for
+    ``deepspeed.initialize``: a LambdaLR over ``sections.lr_factor``, stepped by the engine once per optimizer
+    step and saved in its checkpoints (``last_epoch``); None for constant (``deepspeed_config``'s WarmupLR)."""
+    o = cfg.optimizer
+    if o.lr_scheduler == "constant":
+        return None
+
+    def make(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, o.lr_warmup_steps, cfg.max_steps, o.lr_scheduler))
+
+    return make
 
 
 def _rng_state() -> dict:
@@ -313,7 +329,7 @@ def train(cfg: TrainConfig) -> dict:
     with phase("starting DeepSpeed (its first start on a machine compiles a C++ op: 1-3 minutes, cached after)",
                log.info, enabled=rank == 0):
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(),
-                                               config=deepspeed_config(cfg, dtype))
+                                               config=deepspeed_config(cfg, dtype), lr_scheduler=lr_scheduler(cfg))
     ckpt.make_loads_safe(engine)                       # checkpoint reads: weights-only, never unpickling
     if initial is not None:
         initial = {k: v.to(device=device, dtype=next(engine.module.parameters()).dtype) for k, v in initial.items()}

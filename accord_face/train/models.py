@@ -24,6 +24,7 @@ from torch import nn
 from .. import adapter
 from ..encoder import build_encoder
 from ..tiny import projection_model_path, resolve_pretrained
+from ..config import ConfigError
 from .config import TrainConfig
 
 __all__ = ["IdentityAdapterModel", "FrozenParts", "load_frozen_parts", "build_model", "compute_dtype",
@@ -215,6 +216,11 @@ def build_model(cfg: TrainConfig, parts: FrozenParts) -> IdentityAdapterModel:
                             clip_dim=parts.image_encoder.hidden_size if parts.image_encoder is not None else 1280,
                             s_scale=cfg.encoder.s_scale)
     model = IdentityAdapterModel(unet, encoder, cfg.encoder.num_tokens, cfg.encoder.ip_scale)
+    if cfg.init_adapter:                       # warm start: an earlier run's exported weights (checked in preflight)
+        try:
+            adapter.load_into_training(adapter.load_adapter_state_dict(cfg.init_adapter), model.encoder, model.unet)
+        except (KeyError, RuntimeError) as err:
+            raise ConfigError(f"'init_adapter': {cfg.init_adapter} does not fit this model ({err})") from None
     if cfg.lora.rank > 0:                      # after the IP processors: their to_k_ip / to_v_ip stay LoRA-free
         from ..family.identity_lora import add_identity_lora
 

@@ -115,7 +115,8 @@ def generate_records(gen, plan: EvalPlan, scorer: WorldScorer, arms: dict[str, f
     """Every job of ``plan`` generated at each arm's adapter scale (same prompts and noise), scored.
 
     ``gen``: a ``FaceIDGenerator`` with the adapter loaded (any FaceID family member: the identity
-    inputs come from ``family.generation.photo_inputs``, the CLIP face crop for FaceID-Plus)."""
+    inputs come from ``family.generation.photo_inputs``, the CLIP face crop for FaceID-Plus). An adapter
+    with an identity LoRA has it on in every arm of scale > 0 and off at scale 0 (the base model)."""
     from ..family.generation import photo_inputs
     from ..pipeline import make_face_analyzer
     from .judge import predict
@@ -127,6 +128,7 @@ def generate_records(gen, plan: EvalPlan, scorer: WorldScorer, arms: dict[str, f
     records = []
     with tqdm(total=len(plan.jobs) * len(arms), desc="world eval", disable=not progress, mininterval=5) as bar:
         for arm, scale in arms.items():
+            gen.set_identity_lora(scale > 0)
             for name in plan.names:
                 gen.family.set_face_crop(inputs[name]["crop"])
                 mine = [j for j in plan.jobs if j[0] == name]
