@@ -250,6 +250,7 @@ def summarize(records: list[dict], names: list[str], cfg: WorldEvalConfig) -> di
             "face_found": _per_identity(rs, names, lambda r: float(r["face_found"])),
         }
         out["arms"][arm] = {k: mean_ci(v) for k, v in per[arm].items()}
+        out["arms"][arm]["per_identity"] = {k: [round(x, 5) for x in v] for k, v in per[arm].items()}
         out["arms"][arm]["context_accuracy_by_field"] = {
             f: float(np.mean([r["context_correct"][f] for r in rs])) for f in CONTEXT_FIELDS}
         out["arms"][arm]["verification_on_generated"] = generated_verification(rs)
