@@ -89,6 +89,11 @@ testbed-pp: $(STAMP)
 world-length: $(STAMP)
 	$(PY) scripts/run_world_length.py $(LENGTH_ARGS)
 
+# Branches from the length plateau (lr decay, identity LoRA), paired against a control; resumable
+.PHONY: world-capacity
+world-capacity: $(STAMP)
+	$(PY) scripts/run_world_capacity.py $(CAPACITY_ARGS)
+
 .PHONY: testbed-encoder
 testbed-encoder: $(STAMP)
 	$(PY) scripts/run_encoder_experiment.py $(ENCODER_ARGS)

@@ -34,7 +34,7 @@ SHARED_FLAGS: dict[str, Mapping] = {
     "train_batch_size": "train_batch_size",
     "max_train_steps": "max_steps",
     **{name: f"optimizer.{name}" for name in ("learning_rate", "adam_weight_decay", "adam_beta1", "adam_beta2",
-                                              "adam_epsilon", "lr_warmup_steps", "max_grad_norm",
+                                              "adam_epsilon", "lr_scheduler", "lr_warmup_steps", "max_grad_norm",
                                               "gradient_accumulation_steps")},
     **{name: f"checkpointing.{name}" for name in ("checkpointing_steps", "checkpoints_total_limit",
                                                   "resume_from_checkpoint")},
@@ -50,6 +50,7 @@ SHARED_FLAGS: dict[str, Mapping] = {
 ENCODER_FLAGS: dict[str, Mapping] = {
     **SHARED_FLAGS,
     "dataloader_num_workers": "data.num_workers",
+    "pretrained_ip_adapter_path": "init_adapter",          # IP-Adapter's tutorial_train.py
 }
 
 LORA_FLAGS: dict[str, Mapping] = {

@@ -10,7 +10,7 @@ from accord_face.train_flags import (ENCODER_FLAGS, LORA_FLAGS, flags_to_overrid
 
 
 SHARED = ["--train_batch_size", "3", "--learning_rate", "2e-5", "--adam_weight_decay", "0.03", "--adam_beta2", "0.99",
-          "--lr_warmup_steps", "6", "--max_grad_norm", "0.5", "--gradient_accumulation_steps", "2",
+          "--lr_warmup_steps", "6", "--lr_scheduler", "cosine", "--max_grad_norm", "0.5", "--gradient_accumulation_steps", "2",
           "--checkpointing_steps", "4", "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "none",
           "--mixed_precision", "bf16", "--logging_steps", "7", "--report_to", "none", "--validation_steps", "8",
           "--validation_prompt", "a sks dog", "--num_inference_steps", "3", "--max_train_steps", "9"]
@@ -32,6 +32,7 @@ def test_both_trainers_map_the_diffusers_flags_onto_the_same_keys():
     o = enc.optimizer
     assert (o.learning_rate, o.adam_weight_decay, o.adam_beta2) == pytest.approx((2e-5, 0.03, 0.99))
     assert (o.lr_warmup_steps, o.max_grad_norm, o.gradient_accumulation_steps) == (6, 0.5, 2)
+    assert o.lr_scheduler == lora.optimizer.lr_scheduler == "cosine"
     c = enc.checkpointing
     assert (c.checkpointing_steps, c.checkpoints_total_limit, c.resume_from_checkpoint) == (4, 1, "none")
     assert (enc.train_batch_size, enc.max_steps, enc.precision.mixed_precision) == (3, 9, "bf16")
@@ -88,3 +89,9 @@ def test_mixed_precision_no_stays_the_word_no():
         assert cfg.precision.mixed_precision == "no"
     with pytest.raises(ConfigError, match="True is not one of"):
         load_config(TrainConfig, None, ["precision.mixed_precision=yes"])
+
+
+def test_ip_adapter_warm_start_flag_sets_init_adapter(tmp_path):
+    enc = load_config(TrainConfig, resolve_config_path("tiny"),
+                      flags_to_overrides(["--pretrained_ip_adapter_path", str(tmp_path)], ENCODER_FLAGS))
+    assert enc.init_adapter == str(tmp_path)

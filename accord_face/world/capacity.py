@@ -145,7 +145,8 @@ def write_plot(s: dict, path: Path, start_figures: dict | None) -> Path:
         ax.set_xticks(range(len(arms)), arms, fontsize=8)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle("Branches from the plateau: +steps each, same 50 held-out people (95 % intervals)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,0 +1,53 @@
+"""The capacity branches' bookkeeping: paired per-person differences, archives, bad arm names."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from accord_face.world import capacity
+from accord_face.world.capacity import CONTROL, PAIRED, CapacityConfig, run_capacity, summary
+
+
+def _metrics(rng, shift: float, n: int = 50) -> dict:
+    per = {k: list(np.clip(rng.normal(0.4, 0.2, n) + shift, 0, 1)) for k in PAIRED}
+    arm = {k: {"mean": float(np.mean(v)), "ci95": [0.0, 1.0]} for k, v in per.items()}
+    arm["per_identity"] = per
+    return {"arms": {"adapter": arm, "base": arm}, "context_accuracy_ratio_vs_base": 0.97,
+            "paired_adapter_minus_base": {"identity_similarity": {"mean": 0.4}}}
+
+
+def test_paired_difference_to_the_control_is_the_per_person_t_interval():
+    rng = np.random.default_rng(0)
+    ctrl, arm = _metrics(rng, 0.0), _metrics(rng, 0.1)
+    s = summary({CONTROL: ctrl, "cosine": arm})
+    assert "paired_vs_control" not in s["arms"][CONTROL]
+    for k in PAIRED:
+        d = np.array(arm["arms"]["adapter"]["per_identity"][k]) - np.array(ctrl["arms"]["adapter"]["per_identity"][k])
+        got = s["arms"]["cosine"]["paired_vs_control"][k]
+        half = sps.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        assert got["mean"] == pytest.approx(d.mean())
+        assert got["ci95"] == pytest.approx([d.mean() - half, d.mean() + half])
+    assert s["arm_overrides"]["cosine"] == ["optimizer.lr_scheduler=cosine"]
+
+
+def test_archived_arms_are_the_record_and_nothing_is_retrained(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for arm, shift in ((CONTROL, 0.0), ("cosine", 0.05)):
+        (archive / f"{arm}.json").write_text(json.dumps(_metrics(rng, shift)))
+    monkeypatch.setattr(capacity, "start_adapter", lambda cfg: pytest.fail("an archived arm was retrained"))
+    s = run_capacity(CapacityConfig(out=str(tmp_path / "out"), archive=str(archive), arms=["cosine", CONTROL],
+                                    length_archive=str(tmp_path / "none")))
+    assert s["pending"] == [] and set(s["arms"]) == {CONTROL, "cosine"}
+    assert (archive / "summary.json").is_file() and (archive / "summary.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["arms"]["cosine"]["paired_vs_control"]
+
+
+def test_unknown_arm_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="unknown \\['nope'\\]; choose from"):
+        CapacityConfig(arms=["nope"]).validate()
