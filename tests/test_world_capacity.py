@@ -51,3 +51,19 @@ def test_archived_arms_are_the_record_and_nothing_is_retrained(tmp_path, monkeyp
 def test_unknown_arm_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="unknown \\['nope'\\]; choose from"):
         CapacityConfig(arms=["nope"]).validate()
+
+
+def test_summary_includes_arms_another_process_archived_meanwhile(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+
+    def run_arm(cfg, arm, start, shards):      # while this process trains "cosine", another one finishes the control
+        (archive / f"{CONTROL}.json").write_text(json.dumps(_metrics(rng, 0.0)))
+        return _metrics(rng, 0.05)
+
+    monkeypatch.setattr(capacity, "start_adapter", lambda cfg: (tmp_path / "a", tmp_path / "s"))
+    monkeypatch.setattr(capacity, "run_arm", run_arm)
+    s = run_capacity(CapacityConfig(out=str(tmp_path / "out"), archive=str(archive), arms=["cosine"],
+                                    length_archive=str(tmp_path / "none")))
+    assert set(s["arms"]) == {CONTROL, "cosine"} and "paired_vs_control" in s["arms"]["cosine"]

@@ -177,6 +177,11 @@ def run_capacity(cfg: CapacityConfig) -> dict:
             a = results[arm]["arms"]["adapter"]
             log.info("arm %s: identity similarity %.3f, retrieval top-1 %.3f", arm, a["identity_similarity"]["mean"],
                      a["retrieval_top1"]["mean"])
+    if archive is not None:     # arms another process finished meanwhile (arms run in parallel processes)
+        for arm in ARMS:
+            saved = archive / f"{arm}.json"
+            if arm not in results and saved.is_file():
+                results[arm] = json.loads(saved.read_text())
     s = summary({a: results[a] for a in ARMS if a in results})
     s.update(start=cfg.start, steps=cfg.steps, pending=[a for a in cfg.arms if a not in results])
     first = (REPO / cfg.length_archive / f"steps-{cfg.start}.json")
