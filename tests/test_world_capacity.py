@@ -67,3 +67,31 @@ def test_summary_includes_arms_another_process_archived_meanwhile(tmp_path, monk
     s = run_capacity(CapacityConfig(out=str(tmp_path / "out"), archive=str(archive), arms=["cosine"],
                                     length_archive=str(tmp_path / "none")))
     assert set(s["arms"]) == {CONTROL, "cosine"} and "paired_vs_control" in s["arms"]["cosine"]
+
+
+def test_scale_sweep_is_evaluated_once_archived_and_tabled_per_scale(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "cosine.json").write_text(json.dumps(_metrics(rng, 0.0)))
+    calls = []
+
+    def at_scale(cfg, arm, scale):
+        calls.append((arm, scale))
+        m = _metrics(rng, 0.1)
+        m["context_accuracy_ratio_vs_base"] = 0.85
+        return m
+
+    monkeypatch.setattr(capacity, "evaluate_at_scale", at_scale)
+    cfg = CapacityConfig(out=str(tmp_path / "out"), archive=str(archive), arms=["cosine"], scales=[1.5],
+                         length_archive=str(tmp_path / "none"))
+    s = run_capacity(cfg)
+    row = s["scale_sweep"]["cosine"]
+    assert calls == [("cosine", 1.5)] and list(row) == ["1", "1.5"]
+    assert row["1.5"]["context_accuracy_ratio_vs_base"] == 0.85 and row["1"]["context_accuracy_ratio_vs_base"] == 0.97
+    assert row["1.5"]["retrieval_top1"] == json.loads((archive / "cosine-scale1.5.json").read_text())[
+        "arms"]["adapter"]["retrieval_top1"]["mean"]
+    run_capacity(cfg)                                  # archived: not evaluated again
+    assert calls == [("cosine", 1.5)]
+    with pytest.raises(ValueError, match="scales"):
+        CapacityConfig(scales=[0.0]).validate()

@@ -21,6 +21,11 @@ target 0.5); secondary: identity similarity; constraint: context accuracy >= 0.8
 An arm whose paired retrieval gain excludes 0 and keeps the constraint becomes the documented recipe
 (``configs/faces.yaml``). One training seed per arm: intervals are over people, not training runs.
 
+Added after the first two arms were seen, and labelled exploratory: ``scales=[1.5]`` evaluates an arm's
+adapter at other adapter scales too (same people, prompts and noise), since the issue's target fixes no
+scale and a frozen-UNet adapter trades context for identity along its scale. Archived as
+``<arm>-scale<s>.json``; the protocol's comparison stays at scale 1.
+
 Resumable: a finished arm's archived ``<arm>.json`` is its record; a killed branch resumes from its
 checkpoint; the 16,000-step adapter comes from the length run's folder, or from its archived
 checkpoint (``docs/world/length/resume``) when this checkout has no such folder.
@@ -65,12 +70,16 @@ class CapacityConfig:
     identities: int = field(50, help="held-out people evaluated")
     eval_steps: int = field(25, help="denoising steps at evaluation")
     threads: int = field(1, help="torch threads of the trainer and the evaluation")
+    scales: list[float] = field(default_factory=list,
+                                help="extra adapter scales each arm is evaluated at (exploratory; 1 always)")
     port: int = field(29930, help="rendezvous port of the deepspeed launcher (distinct per concurrent process)")
 
     def validate(self) -> None:
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown:
             raise ValueError(f"arms: unknown {unknown}; choose from {list(ARMS)}")
+        if any(not 0 < s <= 4 for s in self.scales):
+            raise ValueError(f"scales: {self.scales}; each must be in (0, 4]")
         if self.steps < 1 or self.start < 1:
             raise ValueError("start and steps must be >= 1")
 
@@ -107,6 +116,46 @@ def run_arm(cfg: CapacityConfig, arm: str, start: Path, shards: Path) -> dict:
     return evaluate(lcfg, adapter, folder / "eval")
 
 
+def sweep_name(arm: str, scale: float) -> str:
+    return f"{arm}-scale{scale:g}"
+
+
+def evaluate_at_scale(cfg: CapacityConfig, arm: str, scale: float) -> dict:
+    """The arm's trained adapter evaluated at adapter ``scale`` (same people, prompts and noise as scale 1)."""
+    import torch
+
+    from .evaluate import WorldEvalConfig, run_world_eval
+
+    folder = Path(cfg.out) / arm
+    adapter = folder / "train" / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        start, shards = start_adapter(cfg)
+        run_arm(cfg, arm, start, shards)
+    out = folder / f"eval-scale{scale:g}"
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    torch.set_num_threads(cfg.threads)
+    return run_world_eval(WorldEvalConfig(adapter=str(adapter), out=str(out), identities=cfg.identities,
+                                          steps=cfg.eval_steps, scale=scale))
+
+
+def sweep_rows(results: dict[str, dict], sweeps: dict[str, dict]) -> dict:
+    """Per arm, per adapter scale: identity similarity, retrieval top-1 and the context-accuracy ratio to the
+    base model (scale 1 from the arm's own record)."""
+    rows: dict = {}
+    for arm, m in results.items():
+        runs = {1.0: m} | {float(k.rsplit("-scale", 1)[1]): v for k, v in sweeps.items()
+                           if k.rsplit("-scale", 1)[0] == arm}
+        if len(runs) < 2:
+            continue
+        rows[arm] = {f"{s:g}": {"identity_similarity": r["arms"]["adapter"]["identity_similarity"]["mean"],
+                                "retrieval_top1": r["arms"]["adapter"]["retrieval_top1"]["mean"],
+                                "retrieval_top1_ci95": r["arms"]["adapter"]["retrieval_top1"]["ci95"],
+                                "context_accuracy_ratio_vs_base": r.get("context_accuracy_ratio_vs_base")}
+                     for s, r in sorted(runs.items())}
+    return rows
+
+
 def summary(results: dict[str, dict]) -> dict:
     """Per arm the headline means [95 % interval] over people and the paired per-person difference to the
     control (same people, prompts and noise), when both were run."""
@@ -131,7 +180,23 @@ def write_plot(s: dict, path: Path, start_figures: dict | None) -> Path:
     import matplotlib.pyplot as plt
 
     arms = list(s["arms"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    sweep = s.get("scale_sweep") or {}
+    fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(15 if sweep else 10, 3.6))
+    if sweep:       # exploratory: retrieval against the prompt's context, one line per arm over adapter scale
+        ax = axes[2]
+        for arm, rows in sweep.items():
+            xs = [r["context_accuracy_ratio_vs_base"] for r in rows.values()]
+            ys = [r["retrieval_top1"] for r in rows.values()]
+            ax.plot(xs, ys, "o-", label=arm)
+            for scale, x, y in zip(rows, xs, ys):
+                ax.annotate(f"x{scale}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0.5, color="red", ls="-.", lw=0.8)
+        ax.axvline(0.8, color="grey", ls=":", lw=0.8)
+        ax.set_xlabel("context accuracy / base model's")
+        ax.set_ylabel("retrieval top-1")
+        ax.set_title("over adapter scale (exploratory)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     for ax, key, label in ((axes[0], "identity_similarity", "identity similarity (world_b cos)"),
                            (axes[1], "retrieval_top1", "retrieval top-1 among 50 held-out people")):
         mean = [s["arms"][a][key]["mean"] for a in arms]
@@ -182,7 +247,23 @@ def run_capacity(cfg: CapacityConfig) -> dict:
             saved = archive / f"{arm}.json"
             if arm not in results and saved.is_file():
                 results[arm] = json.loads(saved.read_text())
+    sweeps: dict[str, dict] = {}
+    for arm in cfg.arms:
+        for scale in cfg.scales:
+            name = sweep_name(arm, scale)
+            saved = archive / f"{name}.json" if archive is not None else None
+            if saved is not None and saved.is_file():
+                sweeps[name] = json.loads(saved.read_text())
+                continue
+            log.info("arm %s at adapter scale %g (exploratory)", arm, scale)
+            sweeps[name] = evaluate_at_scale(cfg, arm, scale)
+            if saved is not None:
+                atomic_write_text(saved, json.dumps(sweeps[name], indent=1) + "\n")
+    if archive is not None:
+        for saved in archive.glob("*-scale*.json"):
+            sweeps.setdefault(saved.stem, json.loads(saved.read_text()))
     s = summary({a: results[a] for a in ARMS if a in results})
+    s["scale_sweep"] = sweep_rows({a: results[a] for a in ARMS if a in results}, sweeps)
     s.update(start=cfg.start, steps=cfg.steps, pending=[a for a in cfg.arms if a not in results])
     first = (REPO / cfg.length_archive / f"steps-{cfg.start}.json")
     start_figures = None
