@@ -233,11 +233,13 @@ def write_plot(results: dict, path: Path) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for arm, e in sorted(results["arms"].items()):
+    colours = plt.get_cmap("tab20").colors      # one colour per arm (tab10 repeats from the 11th arm on)
+    for i, (arm, e) in enumerate(sorted(results["arms"].items())):
         x = e["curves"]["identity_similarity"]
+        style = dict(color="black", lw=2.5) if arm == "baseline" else dict(color=colours[(2 * i) % 20 + i // 10],
+                                                                           lw=1.3)
         for ax, m in zip(axes, ("prompt_alignment", "coupling_rate")):
-            ax.plot(x, e["curves"][m], marker="o", lw=2.5 if arm == "baseline" else 1.3,
-                    label=f"{arm} (n={len(e['seeds'])})")
+            ax.plot(x, e["curves"][m], marker="o", label=f"{arm} (n={len(e['seeds'])})", **style)
             for s, xv, yv in zip(results["scales"], x, e["curves"][m]):
                 if arm == "baseline":
                     ax.annotate(f"{s:g}", (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
