@@ -100,20 +100,27 @@ def start_adapter(cfg: CapacityConfig) -> tuple[Path, Path]:
     return kept, shards
 
 
-def run_arm(cfg: CapacityConfig, arm: str, start: Path, shards: Path) -> dict:
+def trained(cfg: CapacityConfig, arm: str) -> bool:
+    """Whether the arm's branch has been trained to ``cfg.steps`` (its exported adapter records the steps)."""
+    done = Path(cfg.out) / arm / "train" / "adapter" / "adapter_config.json"
+    return done.is_file() and json.loads(done.read_text()).get("train_steps") == cfg.steps
+
+
+def run_arm(cfg: CapacityConfig, arm: str, start: Path, shards: Path, scale: float = 1.0) -> dict:
+    """Train the branch (unless its adapter is there) and evaluate it at adapter ``scale`` (same people,
+    prompts and noise at every scale; scale 1 in ``eval/``, others in ``eval-scale<s>/``)."""
     from .experiment import launch_train_encoder
     from .length import LengthConfig, evaluate
 
     folder = Path(cfg.out) / arm
     folder.mkdir(parents=True, exist_ok=True)
     adapter = folder / "train" / "adapter"
-    done = adapter / "adapter_config.json"
-    if not (done.is_file() and json.loads(done.read_text()).get("train_steps") == cfg.steps):
+    if not trained(cfg, arm):
         launch_train_encoder(cfg.config, shards, folder / "train", cfg.steps, cfg.port,
                              [f"init_adapter={start}", "logging.progress=false", *ARMS[arm]], folder / "train.log",
                              cfg.threads)
     lcfg = LengthConfig(identities=cfg.identities, eval_steps=cfg.eval_steps, threads=cfg.threads)
-    return evaluate(lcfg, adapter, folder / "eval")
+    return evaluate(lcfg, adapter, folder / ("eval" if scale == 1.0 else f"eval-scale{scale:g}"), scale)
 
 
 def sweep_name(arm: str, scale: float) -> str:
@@ -121,31 +128,30 @@ def sweep_name(arm: str, scale: float) -> str:
 
 
 def evaluate_at_scale(cfg: CapacityConfig, arm: str, scale: float) -> dict:
-    """The arm's trained adapter evaluated at adapter ``scale`` (same people, prompts and noise as scale 1)."""
-    import torch
-
-    from .evaluate import WorldEvalConfig, run_world_eval
-
-    folder = Path(cfg.out) / arm
-    adapter = folder / "train" / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        start, shards = start_adapter(cfg)
-        run_arm(cfg, arm, start, shards)
-    out = folder / f"eval-scale{scale:g}"
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
-    torch.set_num_threads(cfg.threads)
-    return run_world_eval(WorldEvalConfig(adapter=str(adapter), out=str(out), identities=cfg.identities,
-                                          steps=cfg.eval_steps, scale=scale))
+    """The arm's adapter evaluated at adapter ``scale`` (trained first if this checkout lacks it)."""
+    start, shards = (None, None) if trained(cfg, arm) else start_adapter(cfg)
+    return run_arm(cfg, arm, start, shards, scale)
 
 
-def sweep_rows(results: dict[str, dict], sweeps: dict[str, dict]) -> dict:
+def load_archive(archive: Path) -> tuple[dict[str, dict], dict[str, dict[float, dict]]]:
+    """(arm -> its scale-1 record, arm -> {scale: record}) for every ``<arm>.json`` / ``<arm>-scale<s>.json``."""
+    results: dict[str, dict] = {}
+    sweeps: dict[str, dict[float, dict]] = {}
+    for arm in ARMS:
+        saved = archive / f"{arm}.json"
+        if saved.is_file():
+            results[arm] = json.loads(saved.read_text())
+        for saved in archive.glob(f"{arm}-scale*.json"):
+            sweeps.setdefault(arm, {})[float(saved.stem.rsplit("-scale", 1)[1])] = json.loads(saved.read_text())
+    return results, sweeps
+
+
+def sweep_rows(results: dict[str, dict], sweeps: dict[str, dict[float, dict]]) -> dict:
     """Per arm, per adapter scale: identity similarity, retrieval top-1 and the context-accuracy ratio to the
     base model (scale 1 from the arm's own record)."""
     rows: dict = {}
     for arm, m in results.items():
-        runs = {1.0: m} | {float(k.rsplit("-scale", 1)[1]): v for k, v in sweeps.items()
-                           if k.rsplit("-scale", 1)[0] == arm}
+        runs = {1.0: m} | sweeps.get(arm, {})
         if len(runs) < 2:
             continue
         rows[arm] = {f"{s:g}": {"identity_similarity": r["arms"]["adapter"]["identity_similarity"]["mean"],
@@ -224,12 +230,7 @@ def run_capacity(cfg: CapacityConfig) -> dict:
 
     cfg.validate()
     archive = REPO / cfg.archive if cfg.archive else None
-    results: dict[str, dict] = {}
-    if archive is not None:
-        for arm in ARMS:
-            saved = archive / f"{arm}.json"
-            if saved.is_file():
-                results[arm] = json.loads(saved.read_text())
+    results, sweeps = load_archive(archive) if archive is not None else ({}, {})
     todo = [a for a in cfg.arms if a not in results]
     if todo:
         start, shards = start_adapter(cfg)
@@ -242,28 +243,25 @@ def run_capacity(cfg: CapacityConfig) -> dict:
             a = results[arm]["arms"]["adapter"]
             log.info("arm %s: identity similarity %.3f, retrieval top-1 %.3f", arm, a["identity_similarity"]["mean"],
                      a["retrieval_top1"]["mean"])
-    if archive is not None:     # arms another process finished meanwhile (arms run in parallel processes)
-        for arm in ARMS:
-            saved = archive / f"{arm}.json"
-            if arm not in results and saved.is_file():
-                results[arm] = json.loads(saved.read_text())
-    sweeps: dict[str, dict] = {}
     for arm in cfg.arms:
         for scale in cfg.scales:
-            name = sweep_name(arm, scale)
-            saved = archive / f"{name}.json" if archive is not None else None
-            if saved is not None and saved.is_file():
-                sweeps[name] = json.loads(saved.read_text())
+            if scale in sweeps.get(arm, {}):
                 continue
             log.info("arm %s at adapter scale %g (exploratory)", arm, scale)
-            sweeps[name] = evaluate_at_scale(cfg, arm, scale)
-            if saved is not None:
-                atomic_write_text(saved, json.dumps(sweeps[name], indent=1) + "\n")
-    if archive is not None:
-        for saved in archive.glob("*-scale*.json"):
-            sweeps.setdefault(saved.stem, json.loads(saved.read_text()))
-    s = summary({a: results[a] for a in ARMS if a in results})
-    s["scale_sweep"] = sweep_rows({a: results[a] for a in ARMS if a in results}, sweeps)
+            sweeps.setdefault(arm, {})[scale] = evaluate_at_scale(cfg, arm, scale)
+            if archive is not None:
+                atomic_write_text(archive / f"{sweep_name(arm, scale)}.json",
+                                  json.dumps(sweeps[arm][scale], indent=1) + "\n")
+    if archive is not None:     # arms and scales another process archived meanwhile (arms run in parallel)
+        saved_results, saved_sweeps = load_archive(archive)
+        for arm, m in saved_results.items():
+            results.setdefault(arm, m)
+        for arm, by_scale in saved_sweeps.items():
+            for scale, m in by_scale.items():
+                sweeps.setdefault(arm, {}).setdefault(scale, m)
+    ordered = {a: results[a] for a in ARMS if a in results}
+    s = summary(ordered)
+    s["scale_sweep"] = sweep_rows(ordered, sweeps)
     s.update(start=cfg.start, steps=cfg.steps, pending=[a for a in cfg.arms if a not in results])
     first = (REPO / cfg.length_archive / f"steps-{cfg.start}.json")
     start_figures = None

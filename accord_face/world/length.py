@@ -124,7 +124,7 @@ def train_to(cfg: LengthConfig, out: Path, shards: Path, steps: int, restored: b
     return kept
 
 
-def evaluate(cfg: LengthConfig, adapter: Path, folder: Path) -> dict:
+def evaluate(cfg: LengthConfig, adapter: Path, folder: Path, scale: float = 1.0) -> dict:
     import torch
 
     from .evaluate import WorldEvalConfig, run_world_eval
@@ -133,7 +133,7 @@ def evaluate(cfg: LengthConfig, adapter: Path, folder: Path) -> dict:
         return json.loads((folder / "metrics.json").read_text())
     torch.set_num_threads(cfg.threads)
     return run_world_eval(WorldEvalConfig(adapter=str(adapter), out=str(folder), identities=cfg.identities,
-                                          steps=cfg.eval_steps))
+                                          steps=cfg.eval_steps, scale=scale))
 
 
 def curve(milestones: dict[int, dict]) -> dict:
