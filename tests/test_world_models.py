@@ -152,6 +152,34 @@ def test_render_ceiling_finds_the_people_in_clean_renders_and_not_in_swapped_one
     assert wrong["retrieval_top1"]["mean"] <= 0.25 and wrong["identity_similarity"]["mean"] < 0.3
 
 
+def test_vae_ceiling_keeps_people_through_the_world_vae_and_loses_them_through_a_broken_one(world_dir, tmp_path):
+    """The ceiling through the VAE (renders -> decode(mode(encode(x)))) keeps identity with the world's VAE;
+    the same VAE with its decoder's output convolution zeroed returns a flat image and finds nobody."""
+    import copy
+
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+
+    from accord_face.world.evaluate import EvalPlan, WorldScorer, render_ceiling, vae_round_trip
+    from accord_face.world.render import random_context, render
+
+    vae = AutoencoderKL.from_pretrained(world_dir / "vae")
+    x = np.stack([render(i, random_context(np.random.default_rng(i)), 0).image for i in (2000, 2001, 2002)])
+    y = np.stack(vae_round_trip(vae, x))
+    assert y.shape == x.shape and y.dtype == np.uint8
+    assert np.abs(y.astype(float) - x).mean() < 12, "world VAE reconstruction error (README: 6.9 / 255)"
+    scorer = WorldScorer()
+    plan = EvalPlan.make(tmp_path / "refs", 8, 1, 0, scorer)
+    kept = render_ceiling(plan, scorer, vae=vae)["through_vae"]
+    assert kept["retrieval_top1"]["mean"] >= 0.6 and kept["identity_similarity"]["mean"] > 0.5
+    broken = copy.deepcopy(vae)
+    with torch.no_grad():
+        broken.decoder.conv_out.weight.zero_()
+    lost = render_ceiling(plan, scorer, vae=broken)["through_vae"]
+    assert lost["retrieval_top1"]["mean"] <= 0.25
+
+
 @pytest.mark.heavy  # two deepspeed launches and two small evaluations: ~2-4 min on the shared 2 cores
 def test_length_curve_continues_one_run_and_never_redoes_a_milestone(world_dir, tmp_path, monkeypatch):
     from accord_face.world import length as L

@@ -1,4 +1,4 @@
-"""Build the identity world from nothing: ``python -m accord_face.world.build [--stage S] [key=value ...]``.
+"""Build the identity world: ``python -m accord_face.world.build [--stage S] [key=value ...]``.
 
 Stages (each cached in ``<cache>/<stage>/`` with a ``DONE.json`` recording its config,
 reused while that config matches; an interrupted stage restarts or resumes):
@@ -12,6 +12,12 @@ reused while that config matches; an interrupted stage restarts or resumes):
     recognizer_b  evaluation recognizer, other architecture (ONNX)     needs detector
     judge         context / attribute classifier                       needs pool
     assets        copy the trained weights (fp16 safetensors, ONNX) into accord_face/world/assets/
+
+Seeding (``use_assets``, on by default): before any stage runs, every stage whose config (and those
+it depends on) equals the committed assets' record is filled from the assets, so a build that changes
+one stage retrains only that stage and those after it; ``use_assets=false`` builds from nothing. A
+longer base UNet without retraining it: ``--stage unet --stage assets unet.continue_from=assets
+unet.steps=N`` (the committed UNet's weights go on training from its recorded step count).
 
 Without ``--stage`` every stage runs in order. Two stages without a dependency between
 them can run as two processes at once (one per core): ``--stage clip`` and ``--stage vae``.
@@ -173,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"world build: error: {err}\n")
     torch.set_num_threads(cfg.threads)
     try:
+        if cfg.use_assets:
+            from .stages import seed_from_assets
+
+            seed_from_assets(cfg)
         for stage in args.stage or STAGES:
             run_stage(cfg, stage, force=args.force)
     except ConfigError as err:

@@ -49,6 +49,13 @@ class UnetConfig:
     caption_dropout: float = field(0.1, help="empty-caption probability (classifier-free guidance)")
     checkpoint_every: int = field(200, help="steps between resumable checkpoints")
     seed: int = field(3, help="init / data seed")
+    continue_from: str = field("", help="'assets': continue the committed UNet (its EMA weights, at its recorded step "
+                                        "count) with a fresh optimizer and warm-up, up to `steps`, instead of "
+                                        "training from random weights")
+
+    def validate(self) -> None:
+        if self.continue_from not in ("", "assets"):
+            raise ValueError(f"unet.continue_from must be '' or 'assets', got {self.continue_from!r}")
 
 
 @dataclass
@@ -90,7 +97,8 @@ class WorldConfig:
                                            help="evaluation recognizer (other architecture and seed)")
     detector: DetectorConfig = field(default_factory=DetectorConfig, help="landmark detector")
     judge: JudgeConfig = field(default_factory=JudgeConfig, help="context / attribute judge")
-    use_assets: bool = field(True, help="reuse the committed assets when their recorded config matches")
+    use_assets: bool = field(True, help="seed the build cache with the committed assets' parts whose recorded config "
+                                        "matches (only the changed stages retrain); false: build from nothing")
 
     def model_fields(self) -> dict:
         """The fields that decide the trained weights (not where they are cached)."""

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..config import field
 from .pool import CONTEXT_FIELDS, encode_context
-from .render import ACCESSORIES, BACKGROUNDS, FRAMINGS, SHIRTS, Context, caption
+from .render import ACCESSORIES, BACKGROUNDS, FRAMINGS, HELD_OUT_START, SHIRTS, Context, caption
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 class WorldEvalConfig:
     adapter: str = field(help="exported adapter folder (trained on embedded:faces)")
     out: str = field("outputs/world-eval", help="output folder (metrics.json, samples.jsonl, grid.png)")
-    identities: int = field(50, help="held-out identities evaluated (from identity 2000 on)")
+    identities: int = field(50, help="held-out identities evaluated (from identity `first` on)")
+    first: int = field(2000, help="first identity evaluated: 2000 = the held-out split; below 2000 evaluates "
+                                  "training people (a generalisation check, not zero-shot)")
     prompts_per_identity: int = field(2, help="prompts with other contexts per identity")
     scale: float = field(1.0, help="adapter scale of the adapter arm")
     steps: int = field(25, help="denoising steps")
@@ -90,12 +92,13 @@ class EvalPlan:
     ref_b: dict                               # name -> recognizer-B embedding of the reference (or None)
 
     @classmethod
-    def make(cls, folder: Path, identities: int, prompts_per_identity: int, seed: int, scorer: WorldScorer):
+    def make(cls, folder: Path, identities: int, prompts_per_identity: int, seed: int, scorer: WorldScorer,
+             first: int = HELD_OUT_START):
         from PIL import Image
 
         from .photos import write_reference_photos
 
-        refs = write_reference_photos(folder, identities, seed=seed)
+        refs = write_reference_photos(folder, identities, seed=seed, first=first)
         names = list(refs)
         rng = np.random.default_rng(seed)
         jobs, ref_b = [], {}
@@ -170,27 +173,55 @@ def generate_records(gen, plan: EvalPlan, scorer: WorldScorer, arms: dict[str, f
     return records
 
 
-def render_ceiling(plan: EvalPlan, scorer: WorldScorer) -> dict:
+def render_ceiling(plan: EvalPlan, scorer: WorldScorer, vae=None) -> dict:
     """What the instruments give a perfect generator: every job's person rendered cleanly (the world's
     own renderer, another photo seed) in the prompt's context B, scored like a generated image.
     Identity similarity and retrieval top-1 among the plan's references, per identity; the ceiling
-    that generated images are measured against (recognizer B's own limit across contexts)."""
+    that generated images are measured against (recognizer B's own limit across contexts).
+
+    With ``vae`` (the pipeline's ``AutoencoderKL``) the same renders are also scored after a round trip
+    through it, x -> decode(mode(encode(x))): ``through_vae``, the ceiling of any generator whose images
+    come out of that decoder (a limit the VAE sets, below the renderer's)."""
     from .render import render
 
+    renders = [render(plan.refs[name]["identity"], b, seed % 100_000 + 60_000).image
+               for name, p, _, b, seed in plan.jobs]                                    # each (H, W, 3) uint8
+    out = _identity_scores(plan, scorer, renders)
+    out["what"] = "clean renders of each job's person in context B (perfect generator), recognizer B"
+    if vae is not None:
+        out["through_vae"] = _identity_scores(plan, scorer, vae_round_trip(vae, np.stack(renders)))
+    return out
+
+
+def vae_round_trip(vae, images: np.ndarray, batch: int = 32) -> list[np.ndarray]:
+    """uint8 images (N, H, W, 3) -> decode(mode(encode(x))) as uint8 (N, H, W, 3), x scaled to [-1, 1]."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for k in range(0, len(images), batch):
+            x = torch.from_numpy(images[k:k + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1   # (B, 3, H, W)
+            x = x.to(vae.device, vae.dtype)
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+            out.extend(((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return out
+
+
+def _identity_scores(plan: EvalPlan, scorer: WorldScorer, images: list[np.ndarray]) -> dict:
+    """Per-identity identity similarity and retrieval top-1 of one image per job of ``plan``."""
     ref_names = [n for n in plan.names if plan.ref_b[n] is not None]
     ref_mat = np.stack([plan.ref_b[n] for n in ref_names])                              # (R, D)
     sims: dict[str, list] = {n: [] for n in plan.names}
     hits: dict[str, list] = {n: [] for n in plan.names}
-    for name, p, _, b, seed in plan.jobs:
-        emb = scorer.embed(render(plan.refs[name]["identity"], b, seed % 100_000 + 60_000).image)
+    for (name, *_), image in zip(plan.jobs, images):
+        emb = scorer.embed(image)
         if emb is None or plan.ref_b[name] is None:
             hits[name].append(0.0)
             continue
         sims[name].append(float(emb @ plan.ref_b[name]))
         hits[name].append(float(ref_names[int(np.argmax(ref_mat @ emb))] == name))
     per = lambda d: [float(np.mean(v)) if v else float("nan") for v in d.values()]   # noqa: E731
-    return {"identity_similarity": mean_ci(per(sims)), "retrieval_top1": mean_ci(per(hits)),
-            "what": "clean renders of each job's person in context B (perfect generator), recognizer B"}
+    return {"identity_similarity": mean_ci(per(sims)), "retrieval_top1": mean_ci(per(hits))}
 
 
 def write_records(path: Path, records: list[dict]) -> None:
@@ -206,14 +237,15 @@ def run_world_eval(cfg: WorldEvalConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     scorer = WorldScorer()
-    plan = EvalPlan.make(out / "references", cfg.identities, cfg.prompts_per_identity, cfg.seed, scorer)
+    plan = EvalPlan.make(out / "references", cfg.identities, cfg.prompts_per_identity, cfg.seed, scorer,
+                         first=cfg.first)
     gen = FaceIDGenerator(cfg.adapter, None, "cpu")
     gen.pipe.set_progress_bar_config(disable=True)
     records = generate_records(gen, plan, scorer, {"adapter": cfg.scale, "base": 0.0}, out, steps=cfg.steps,
                                guidance=cfg.guidance, batch_size=cfg.batch_size)
     write_records(out / "samples.jsonl", records)
     metrics = summarize(records, plan.names, cfg)
-    metrics["render_ceiling"] = render_ceiling(plan, scorer)
+    metrics["render_ceiling"] = render_ceiling(plan, scorer, vae=gen.pipe.vae)
     metrics["config"] = asdict(cfg)
     metrics["identity_model"] = scorer.recognizer.describe()
     from ..pipeline import make_face_analyzer

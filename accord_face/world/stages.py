@@ -47,11 +47,40 @@ def run_unet(cfg: WorldConfig) -> dict:
     key = stage_config(cfg, "unet")
     key["unet"] = {k: v for k, v in key["unet"].items() if k not in ("steps", "checkpoint_every")}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    unet = train_unet(cfg.unet, pool, vae, text, tok, cache_root(cfg) / f"unet_work-{digest}")
+    init = committed_unet(cfg, text.config.hidden_size) if cfg.unet.continue_from == "assets" else None
+    unet = train_unet(cfg.unet, pool, vae, text, tok, cache_root(cfg) / f"unet_work-{digest}", init=init)
     tmp = stage_tmp(cfg, "unet")
     unet.save_pretrained(tmp, safe_serialization=True)
     finish_stage(cfg, "unet", tmp, {"params_m": sum(p.numel() for p in unet.parameters()) / 1e6})
     return {}
+
+
+def committed_unet(cfg: WorldConfig, cross_attention_dim: int) -> tuple[dict, int]:
+    """(fp32 state dict, step count) of the committed UNet, for ``unet.continue_from=assets``; a ConfigError
+    unless it was trained on this config's photos, text tower and latents with this architecture, for
+    fewer steps than ``unet.steps``."""
+    from ..config import ConfigError
+    from .assemble import _load_fp32, assets_dir, read_record
+    from .config import UnetConfig
+    from .unet import build_unet
+
+    rec = read_record()["config"]
+    mine = cfg.model_fields()
+    arch = ("channels", "heads")
+    for section in ("pool", "clip", "vae"):
+        if rec[section] != mine[section]:
+            raise ConfigError(f"unet.continue_from=assets: the committed UNet was trained with another "
+                              f"{section} config ({assets_dir() / 'world.json'}); drop the {section}.* overrides")
+    if any(rec["unet"][k] != mine["unet"][k] for k in arch):
+        raise ConfigError("unet.continue_from=assets: unet.channels / unet.heads differ from the committed UNet's "
+                          f"({rec['unet']['channels']}, {rec['unet']['heads']}); drop those overrides")
+    done = int(rec["unet"]["steps"])
+    if cfg.unet.steps <= done:
+        raise ConfigError(f"unet.continue_from=assets: unet.steps={cfg.unet.steps} must exceed the committed "
+                          f"UNet's {done} steps")
+    rec_unet = {k: v for k, v in rec["unet"].items() if k in UnetConfig.__dataclass_fields__}
+    unet = _load_fp32(build_unet(UnetConfig(**rec_unet), cross_attention_dim), assets_dir() / "unet.safetensors")
+    return unet.state_dict(), done
 
 
 def run_detector(cfg: WorldConfig) -> dict:
@@ -151,14 +180,70 @@ def run_assets(cfg: WorldConfig) -> dict:
     shutil.copy2(root / "detector" / "detector.onnx", out / "detector.onnx")
     for kind in ("a", "b"):
         shutil.copy2(root / f"recognizer_{kind}" / f"recognizer_{kind}.onnx", out / f"recognizer_{kind}.onnx")
-    metrics = {s: json.loads((root / s / "DONE.json").read_text())["metrics"]
-               for s in ("clip", "vae", "unet", "detector", "recognizer_a", "recognizer_b", "judge")}
+    metrics = {s: {k: v for k, v in json.loads((root / s / "DONE.json").read_text())["metrics"].items()
+                   if k != "seeded_from"} for s in SEEDABLE}
     record = {"config": cfg.model_fields(), "vae_scaling_factor": float(vae.config.scaling_factor),
-              "metrics": metrics, "rebuild": "python -m accord_face.world.build"}
+              "metrics": metrics, "rebuild": REBUILD}
     (out / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
     log.info("world assets: %.1f MB in %s", size, out)
     return {"assets_mb": size}
+
+
+REBUILD = "python -m accord_face.world.build use_assets=false"
+SEEDABLE = ("clip", "vae", "unet", "detector", "recognizer_a", "recognizer_b", "judge")
+
+
+def record_config(rec: dict) -> WorldConfig:
+    """The WorldConfig a ``world.json`` record describes (fields it predates take their defaults)."""
+    import dataclasses
+
+    kinds = {f.name: f.default_factory for f in dataclasses.fields(WorldConfig)
+             if f.default_factory is not dataclasses.MISSING}
+    sections = {}
+    for name, values in rec["config"].items():
+        default = kinds[name]()
+        known = {k: v for k, v in values.items() if k in default.__dataclass_fields__}
+        sections[name] = dataclasses.replace(default, **known)
+    return WorldConfig(**sections)
+
+
+def seed_from_assets(cfg: WorldConfig) -> list[str]:
+    """Fill the build cache with the committed assets' trained parts (``use_assets``): every stage not already
+    cached whose config (with those it depends on) equals the one the assets record gets a ``<cache>/<stage>``
+    folder made from them, with the record's metrics, so a build that changes one stage (``unet.steps=...``)
+    retrains that stage only. The committed weights are fp16, so a seeded part is their fp32 upcast (the
+    ``assets`` stage writes them back bit for bit). Returns the seeded stages."""
+    from .assemble import ASSETS, _load_fp32, assets_dir, build_parts, read_record
+    from .build import stage_done
+    from .clip import image_processor
+    from .judge import Judge
+
+    assets = assets_dir()
+    if not (assets / "world.json").is_file():
+        return []
+    rec = read_record(assets)
+    theirs = record_config(rec)
+    todo = [s for s in SEEDABLE if not stage_done(cfg, s) and stage_config(theirs, s) == stage_config(cfg, s)]
+    if not todo:
+        return []
+    parts = build_parts(assets)
+    for stage in todo:
+        tmp = stage_tmp(cfg, stage)
+        if stage == "clip":
+            parts["clip"].save_pretrained(tmp, safe_serialization=True)
+            parts["tokenizer"].save_pretrained(tmp)
+            image_processor().save_pretrained(tmp)
+        elif stage in ("vae", "unet"):
+            parts[stage].save_pretrained(tmp, safe_serialization=True)
+        elif stage == "judge":
+            _save_module(_load_fp32(Judge(), assets / "judge.safetensors"), tmp / "judge.safetensors")
+        else:
+            shutil.copy2(assets / f"{stage}.onnx", tmp / f"{stage}.onnx")
+        finish_stage(cfg, stage, tmp, {**rec["metrics"][stage], "seeded_from": str(assets)
+                                       if assets != ASSETS else "accord_face/world/assets"})
+    log.info("world build: seeded %s from the committed assets (%s)", ", ".join(todo), assets)
+    return todo
 
 
 STAGE_FUNCTIONS = {"unet": run_unet, "detector": run_detector, "recognizer_a": run_recognizer_a,

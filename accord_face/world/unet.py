@@ -75,16 +75,25 @@ class TextCache:
         return torch.stack([self.cache[c] for c in captions])
 
 
-def train_unet(cfg: UnetConfig, pool: Pool, vae, text_encoder, tokenizer, work: Path, progress: bool = True):
-    """Train (resuming from ``work/unet_ckpt.pt``) and return the EMA UNet."""
+def train_unet(cfg: UnetConfig, pool: Pool, vae, text_encoder, tokenizer, work: Path, progress: bool = True,
+               init: tuple[dict, int] | None = None):
+    """Train (resuming from ``work/unet_ckpt.pt``) and return the EMA UNet.
+
+    ``init`` = (state dict, step): without a checkpoint, start from these weights (model and EMA) at that
+    step instead of from random weights at 0 (``unet.continue_from``); the optimizer starts fresh, so the
+    learning-rate warm-up restarts too: lr(s) = lr * min(1, (s - start + 1) / 200)."""
     work.mkdir(parents=True, exist_ok=True)
     ckpt_path = work / "unet_ckpt.pt"
     unet = build_unet(cfg, text_encoder.config.hidden_size).train()
+    start = 0
+    if init is not None:
+        unet.load_state_dict(init[0])
+        start = int(init[1])
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = build_scheduler()
-    rng, step = np.random.default_rng(cfg.seed), 0
-    gen = torch.Generator().manual_seed(cfg.seed)
+    rng, step = np.random.default_rng([cfg.seed, start] if start else cfg.seed), start
+    gen = torch.Generator().manual_seed(cfg.seed + start)
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, weights_only=True)
         unet.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
@@ -106,7 +115,7 @@ def train_unet(cfg: UnetConfig, pool: Pool, vae, text_encoder, tokenizer, work: 
                mininterval=20)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / 200)
+            g["lr"] = cfg.lr * min(1.0, (step - start + 1) / 200)
         idx = rng.integers(0, len(pool), cfg.batch_size)
         it = torch.from_numpy(idx)
         z0 = (means[it].float() + stds[it].float() * torch.randn(len(idx), 4, LATENT, LATENT, generator=gen)) * sf
