@@ -95,3 +95,30 @@ def test_scale_sweep_is_evaluated_once_archived_and_tabled_per_scale(tmp_path, m
     assert calls == [("cosine", 1.5)]
     with pytest.raises(ValueError, match="scales"):
         CapacityConfig(scales=[0.0]).validate()
+
+
+def test_a_longer_base_arm_trains_and_evaluates_on_its_own_base_and_others_on_the_committed_one(tmp_path,
+                                                                                                monkeypatch):
+    """``unet6000`` passes its longer base to the trainer (the evaluation then follows the adapter's recorded
+    base); the other arms pass none, and never build one."""
+    from accord_face.world import experiment, length
+
+    launched = {}
+    built = []
+
+    def launch(config, shards, out, steps, port, extra, log_path, threads):
+        launched[out.parent.name] = extra
+
+    def longer_base(cfg, steps):
+        built.append(steps)
+        return tmp_path / f"base-{steps}"
+
+    monkeypatch.setattr(experiment, "launch_train_encoder", launch)
+    monkeypatch.setattr(capacity, "longer_base", longer_base)
+    monkeypatch.setattr(length, "evaluate", lambda *a, **k: {"arms": {}})
+    cfg = capacity.CapacityConfig(out=str(tmp_path / "out"), archive="")
+    for arm in ("unet6000", "cosine"):
+        capacity.run_arm(cfg, arm, tmp_path / "start", tmp_path / "shards")
+    assert f"pretrained_model={tmp_path / 'base-6000'}" in launched["unet6000"]
+    assert not any(x.startswith("pretrained_model=") for x in launched["cosine"])
+    assert built == [6000] and "unet6000" in capacity.ARMS

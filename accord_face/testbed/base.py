@@ -111,7 +111,7 @@ def train_base(cfg: BaseModelConfig, cache: Path) -> T2I:
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (step + 1) % 100 == 0:
             log.info("base step %d loss %.4f", step + 1, loss.item())
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:

@@ -13,6 +13,10 @@ noise as every milestone (``evaluate.run_world_eval``):
     lora16_cosine   + an identity LoRA of rank 16 on the UNet's attention, trained with the adapter
                     (IP-Adapter-FaceID's recipe; lora.rank=16), cosine decay
     lora64_cosine   the same at rank 64
+    unet6000        the base UNet trained longer: the committed one (1,800 steps) continued to 6,000
+                    (``unet.continue_from=assets``, built into ``world_cache``); the adapter continues on
+                    it and its evaluation's no-adapter draw is that UNet too. Added after the first four
+                    arms, on a diagnosis that located the limit in the base model (README)
 
 Protocol, fixed before any arm ran: the unit is the held-out person (50); each arm's figures are
 means with 95 % intervals over them, and paired per-person differences to ``constant`` (same people,
@@ -52,6 +56,9 @@ ARMS: dict[str, list[str]] = {
     "lora16_cosine": ["optimizer.lr_scheduler=cosine", "lora.rank=16"],
     "lora64_cosine": ["optimizer.lr_scheduler=cosine", "lora.rank=64"],
 }
+# Arms on a longer-trained base UNet: arm -> the UNet's total training steps (``longer_base``).
+BASE_ARMS: dict[str, int] = {"unet6000": 6000}
+ARMS.update({arm: [] for arm in BASE_ARMS})
 CONTROL = "constant"
 PAIRED = ("identity_similarity", "retrieval_top1", "context_accuracy", "coupling_rate", "clip_t")
 
@@ -72,6 +79,8 @@ class CapacityConfig:
     threads: int = field(1, help="torch threads of the trainer and the evaluation")
     scales: list[float] = field(default_factory=list,
                                 help="extra adapter scales each arm is evaluated at (exploratory; 1 always)")
+    world_cache: str = field("testbed_out/world_build", help="world build cache of the longer base UNets "
+                                                             "(arms of BASE_ARMS)")
     port: int = field(29930, help="rendezvous port of the deepspeed launcher (distinct per concurrent process)")
 
     def validate(self) -> None:
@@ -100,6 +109,31 @@ def start_adapter(cfg: CapacityConfig) -> tuple[Path, Path]:
     return kept, shards
 
 
+def longer_base(cfg: CapacityConfig, unet_steps: int) -> Path:
+    """The ``embedded:faces`` pipeline with its UNet trained to ``unet_steps`` (the committed UNet continued,
+    ``unet.continue_from=assets``; every other part the committed one). Built once into ``cfg.world_cache``
+    (the UNet stage resumes from its checkpoints; ``assets-unet<N>/`` holds its assets, the pipeline folder
+    is expanded from them as the committed one is) and reused."""
+    import torch
+
+    from ..config import load_config
+    from .assemble import ensure_world_pipeline
+    from .build import run_stage
+    from .config import WorldConfig
+    from .stages import run_assets, seed_from_assets
+
+    root = REPO / cfg.world_cache
+    assets = root / f"assets-unet{unet_steps}"
+    if not (assets / "world.json").is_file():
+        wcfg = load_config(WorldConfig, None, [f"cache_dir={root}", "unet.continue_from=assets",
+                                               f"unet.steps={unet_steps}", f"threads={cfg.threads}"])
+        torch.set_num_threads(cfg.threads)
+        seed_from_assets(wcfg)
+        run_stage(wcfg, "unet")
+        run_assets(wcfg, out=assets)
+    return ensure_world_pipeline(root, assets)
+
+
 def trained(cfg: CapacityConfig, arm: str) -> bool:
     """Whether the arm's branch has been trained to ``cfg.steps`` (its exported adapter records the steps)."""
     done = Path(cfg.out) / arm / "train" / "adapter" / "adapter_config.json"
@@ -116,9 +150,10 @@ def run_arm(cfg: CapacityConfig, arm: str, start: Path, shards: Path, scale: flo
     folder.mkdir(parents=True, exist_ok=True)
     adapter = folder / "train" / "adapter"
     if not trained(cfg, arm):
+        base = [f"pretrained_model={longer_base(cfg, BASE_ARMS[arm])}"] if arm in BASE_ARMS else []
         launch_train_encoder(cfg.config, shards, folder / "train", cfg.steps, cfg.port,
-                             [f"init_adapter={start}", "logging.progress=false", *ARMS[arm]], folder / "train.log",
-                             cfg.threads)
+                             [f"init_adapter={start}", "logging.progress=false", *base, *ARMS[arm]],
+                             folder / "train.log", cfg.threads)
     lcfg = LengthConfig(identities=cfg.identities, eval_steps=cfg.eval_steps, threads=cfg.threads)
     return evaluate(lcfg, adapter, folder / ("eval" if scale == 1.0 else f"eval-scale{scale:g}"), scale)
 
@@ -176,7 +211,8 @@ def summary(results: dict[str, dict]) -> dict:
             mine, theirs = a["per_identity"], ctrl["arms"]["adapter"]["per_identity"]
             row["paired_vs_control"] = {k: mean_ci(np.array(mine[k]) - np.array(theirs[k])) for k in PAIRED}
         rows[arm] = row
-    return {"control": CONTROL, "arms": rows, "arm_overrides": {a: ARMS[a] for a in results}}
+    return {"control": CONTROL, "arms": rows, "arm_overrides": {
+        a: ARMS[a] + ([f"base UNet trained to {BASE_ARMS[a]} steps"] if a in BASE_ARMS else []) for a in results}}
 
 
 def write_plot(s: dict, path: Path, start_figures: dict | None) -> Path:
@@ -235,7 +271,9 @@ def run_capacity(cfg: CapacityConfig) -> dict:
     if todo:
         start, shards = start_adapter(cfg)
         for arm in todo:
-            log.info("arm %s: %d steps from %s (%s)", arm, cfg.steps, start, " ".join(ARMS[arm]) or "no change")
+            change = " ".join(ARMS[arm]) or (f"base UNet trained to {BASE_ARMS[arm]} steps" if arm in BASE_ARMS
+                                              else "no change")
+            log.info("arm %s: %d steps from %s (%s)", arm, cfg.steps, start, change)
             results[arm] = run_arm(cfg, arm, start, shards)
             if archive is not None:
                 archive.mkdir(parents=True, exist_ok=True)

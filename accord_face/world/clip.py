@@ -119,7 +119,7 @@ def train_clip(cfg: ClipConfig, pool: Pool, progress: bool = True):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if (step + 1) % 200 == 0:
             log.info("world CLIP step %d loss %.4f", step + 1, loss.item())
     return model.eval(), tok

@@ -46,6 +46,8 @@ class WorldEvalConfig:
     guidance: float = field(4.0, help="classifier-free guidance scale")
     batch_size: int = field(16, help="images per pipeline call")
     seed: int = field(0, help="reference contexts, prompts and noise")
+    pretrained: str = field("", help="base pipeline (folder or id) to generate with instead of the one the adapter "
+                                     "records (both arms: adapter and no adapter)")
 
 
 def other_context(a: Context, rng: np.random.Generator) -> Context:
@@ -239,7 +241,7 @@ def run_world_eval(cfg: WorldEvalConfig) -> dict:
     scorer = WorldScorer()
     plan = EvalPlan.make(out / "references", cfg.identities, cfg.prompts_per_identity, cfg.seed, scorer,
                          first=cfg.first)
-    gen = FaceIDGenerator(cfg.adapter, None, "cpu")
+    gen = FaceIDGenerator(cfg.adapter, cfg.pretrained or None, "cpu")
     gen.pipe.set_progress_bar_config(disable=True)
     records = generate_records(gen, plan, scorer, {"adapter": cfg.scale, "base": 0.0}, out, steps=cfg.steps,
                                guidance=cfg.guidance, batch_size=cfg.batch_size)

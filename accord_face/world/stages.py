@@ -161,13 +161,14 @@ def run_judge(cfg: WorldConfig) -> dict:
     return metrics
 
 
-def run_assets(cfg: WorldConfig) -> dict:
-    """Copy the trained weights (fp16 safetensors, fp32 ONNX) and their record into the package assets."""
+def run_assets(cfg: WorldConfig, out: Path | None = None) -> dict:
+    """Copy the trained weights (fp16 safetensors, fp32 ONNX) and their record (written last) into the package
+    assets, or into ``out``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from .assemble import RECORD, _load_fp32, assets_dir
 
-    root, out = cache_root(cfg), assets_dir()
+    root, out = cache_root(cfg), (out or assets_dir())
     out.mkdir(parents=True, exist_ok=True)
     clip, _, _ = _clip_parts(cfg)
     _save_module(clip, out / "clip.safetensors", half=True)

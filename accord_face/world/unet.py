@@ -133,7 +133,7 @@ def train_unet(cfg: UnetConfig, pool: Pool, vae, text_encoder, tokenizer, work: 
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(pm, 1 - decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (step + 1) % 100 == 0:
             log.info("world UNet step %d loss %.4f", step + 1, loss.item())
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:

@@ -51,7 +51,7 @@ def train_vae(cfg: VaeConfig, pool: Pool, progress: bool = True):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (step + 1) % 250 == 0:
             log.info("world VAE step %d loss %.4f", step + 1, loss.item())
     vae.eval()
