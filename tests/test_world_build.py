@@ -97,3 +97,15 @@ def test_a_continued_unet_starts_from_the_committed_weights_not_from_random_ones
     scratch = train_unet(dataclasses.replace(cfg.unet, steps=2), work=tmp_path / "w2", **kw)
     assert distance(continued) < 1e-3 < distance(scratch)
     assert not (tmp_path / "w1" / "unet_ckpt.pt").exists()     # a finished stage leaves no checkpoint
+
+
+def test_world_evaluate_refuses_an_unknown_sampler_in_one_line_with_exit_2(tmp_path, capsys):
+    from accord_face.world.__main__ import main
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--adapter", str(adapter), "--scheduler", "heun", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("world evaluate: error: --scheduler 'heun'") and "ddim" in err[-1]

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"world evaluate: error: adapter folder {cfg.adapter} does not exist\n")
     try:
         metrics = run_world_eval(cfg)
-    except (GenerateError, WorldMissingError) as err:
+    except (GenerateError, WorldMissingError, ValueError) as err:
         parser.exit(2, f"world evaluate: error: {err}\n")
     print(format_summary(metrics))
     print(f"metrics: {Path(cfg.out) / 'metrics.json'}; grid: {Path(cfg.out) / 'grid.png'}")

@@ -46,8 +46,13 @@ class WorldEvalConfig:
     guidance: float = field(4.0, help="classifier-free guidance scale")
     batch_size: int = field(16, help="images per pipeline call")
     seed: int = field(0, help="reference contexts, prompts and noise")
+    scheduler: str = field("", help="sampler: '' = the pipeline's own (DDPM), or ddim / dpm (DPMSolverMultistep) / "
+                                    "euler, made from its config")
     pretrained: str = field("", help="base pipeline (folder or id) to generate with instead of the one the adapter "
                                      "records (both arms: adapter and no adapter)")
+
+
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler"}
 
 
 def other_context(a: Context, rng: np.random.Generator) -> Context:
@@ -236,12 +241,18 @@ def write_records(path: Path, records: list[dict]) -> None:
 def run_world_eval(cfg: WorldEvalConfig) -> dict:
     from ..pipeline import FaceIDGenerator, atomic_write_text
 
+    if cfg.scheduler and cfg.scheduler not in SCHEDULERS:
+        raise ValueError(f"--scheduler {cfg.scheduler!r}: choose '' (the pipeline's own) or one of {list(SCHEDULERS)}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     scorer = WorldScorer()
     plan = EvalPlan.make(out / "references", cfg.identities, cfg.prompts_per_identity, cfg.seed, scorer,
                          first=cfg.first)
     gen = FaceIDGenerator(cfg.adapter, cfg.pretrained or None, "cpu")
+    if cfg.scheduler:
+        import diffusers
+
+        gen.pipe.scheduler = getattr(diffusers, SCHEDULERS[cfg.scheduler]).from_config(gen.pipe.scheduler.config)
     gen.pipe.set_progress_bar_config(disable=True)
     records = generate_records(gen, plan, scorer, {"adapter": cfg.scale, "base": 0.0}, out, steps=cfg.steps,
                                guidance=cfg.guidance, batch_size=cfg.batch_size)
