@@ -1,0 +1,130 @@
+"""Where is the limit on identity transfer? One adapter, evaluated under one change at a time.
+
+    python scripts/run_world_diagnosis.py [checks=[guidance2,steps50]]
+
+The capacity branches (``capacity.py``) left retrieval top-1 at 0.27-0.34 against a target of 0.5 and a
+render ceiling of 0.70. Each check here evaluates the ``constant`` branch's adapter (the capacity control)
+exactly as ``evaluate.run_world_eval`` does, changing one thing, and reads the result against that
+adapter's own record at the default settings (``docs/world/capacity/constant.json``; same people, prompts
+and noise, so per-person differences are paired):
+
+    training_people   50 people the adapter was trained on (identities 0-49; new photos and contexts):
+                      a generalisation gap would show as a rise here (unpaired: other people)
+    guidance<g>       classifier-free guidance g instead of 4 (it scales identity and text together)
+    steps50           50 denoising steps instead of 25
+    ddim_g2, dpm_g2   another sampler (DDIM, DPM-Solver multistep) at guidance 2
+    unet6000_as_is    the same adapter on the longer-trained base UNet (``capacity.BASE_ARMS``), not
+                      retrained for it: does a stronger base draw the identity the adapter asks for?
+
+Every record also carries the instruments' ceiling through the VAE (``render_ceiling(..., vae=...)``), the
+limit any generator decoded by this VAE has. Exploratory, after the capacity results: no check changes
+the protocol's figures; each is archived as ``docs/world/diagnosis/<check>.json`` and never rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import field
+from .evaluate import mean_ci
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[2]
+
+CHECKS: dict[str, dict] = {
+    "training_people": {"first": 0},
+    "guidance1": {"guidance": 1.0},
+    "guidance1.5": {"guidance": 1.5},
+    "guidance2": {"guidance": 2.0},
+    "guidance7": {"guidance": 7.0},
+    "steps50": {"steps": 50},
+    "ddim_g2": {"scheduler": "ddim", "guidance": 2.0},
+    "dpm_g2": {"scheduler": "dpm", "guidance": 2.0},
+    "unet6000_as_is": {"base_unet_steps": 6000},
+}
+HEADLINE = ("identity_similarity", "retrieval_top1", "context_accuracy", "coupling_rate")
+
+
+@dataclass
+class DiagnosisConfig:
+    checks: list[str] = field(default_factory=lambda: list(CHECKS), help=f"checks to run (of {', '.join(CHECKS)})")
+    out: str = field("testbed_out/world_diagnosis", help="working folder (one evaluation per check)")
+    archive: str = field("docs/world/diagnosis", help="committed copy of each check's metrics.json and the summary")
+    reference: str = field("docs/world/capacity/constant.json", help="the adapter's record at the default settings")
+    threads: int = field(1, help="torch threads of the evaluations")
+
+    def validate(self) -> None:
+        unknown = [c for c in self.checks if c not in CHECKS]
+        if unknown:
+            raise ValueError(f"checks: unknown {unknown}; choose from {list(CHECKS)}")
+
+
+def the_adapter() -> Path:
+    """The capacity control's adapter (trained here first when this checkout lacks it)."""
+    from .capacity import CapacityConfig, run_arm, start_adapter, trained
+
+    cap = CapacityConfig()
+    if not trained(cap, "constant"):
+        start, shards = start_adapter(cap)
+        run_arm(cap, "constant", start, shards)
+    return Path(cap.out) / "constant" / "train" / "adapter"
+
+
+def run_check(cfg: DiagnosisConfig, check: str, adapter: Path) -> dict:
+    import torch
+
+    from .capacity import BASE_ARMS, CapacityConfig, longer_base
+    from .evaluate import WorldEvalConfig, run_world_eval
+
+    folder = Path(cfg.out) / check
+    if (folder / "metrics.json").is_file():
+        return json.loads((folder / "metrics.json").read_text())
+    change = dict(CHECKS[check])
+    steps = change.pop("base_unet_steps", None)
+    if steps is not None:
+        assert steps in BASE_ARMS.values()
+        change["pretrained"] = str(longer_base(CapacityConfig(threads=cfg.threads), steps))
+    torch.set_num_threads(cfg.threads)
+    return run_world_eval(WorldEvalConfig(adapter=str(adapter), out=str(folder), **change))
+
+
+def row(m: dict, reference: dict | None) -> dict:
+    """Headline means [95 % interval] over people, the context ratio to the same run's no-adapter draw, the
+    ceilings, and (when the people are the reference's) the per-person difference to the reference."""
+    a, b = m["arms"]["adapter"], m["arms"]["base"]
+    out = {k: {"mean": a[k]["mean"], "ci95": a[k]["ci95"]} for k in HEADLINE}
+    out["context_accuracy_ratio_vs_base"] = a["context_accuracy"]["mean"] / b["context_accuracy"]["mean"]
+    ceiling = m.get("render_ceiling", {})
+    out["ceiling_retrieval_top1"] = ceiling.get("retrieval_top1", {}).get("mean")
+    out["ceiling_through_vae_retrieval_top1"] = ceiling.get("through_vae", {}).get("retrieval_top1", {}).get("mean")
+    if reference is not None and m["config"].get("first", 2000) == reference["config"].get("first", 2000):
+        mine, theirs = a["per_identity"], reference["arms"]["adapter"]["per_identity"]
+        out["paired_vs_reference"] = {k: mean_ci(np.array(mine[k]) - np.array(theirs[k]))
+                                      for k in ("identity_similarity", "retrieval_top1")}
+    return out
+
+
+def run_diagnosis(cfg: DiagnosisConfig) -> dict:
+    from ..pipeline import atomic_write_text
+
+    cfg.validate()
+    archive = REPO / cfg.archive
+    archive.mkdir(parents=True, exist_ok=True)
+    reference = json.loads((REPO / cfg.reference).read_text())
+    records = {c: json.loads((archive / f"{c}.json").read_text()) for c in CHECKS if (archive / f"{c}.json").is_file()}
+    todo = [c for c in cfg.checks if c not in records]
+    adapter = the_adapter() if todo else None
+    for check in todo:
+        log.info("check %s: %s", check, CHECKS[check])
+        records[check] = run_check(cfg, check, adapter)
+        atomic_write_text(archive / f"{check}.json", json.dumps(records[check], indent=1) + "\n")
+    s = {"reference": {"file": cfg.reference, **row(reference, None)},
+         "checks": {c: {"change": CHECKS[c], **row(records[c], reference)} for c in CHECKS if c in records},
+         "pending": [c for c in cfg.checks if c not in records]}
+    atomic_write_text(archive / "summary.json", json.dumps(s, indent=1) + "\n")
+    return s
