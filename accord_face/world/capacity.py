@@ -134,6 +134,11 @@ def longer_base(cfg: CapacityConfig, unet_steps: int) -> Path:
     return ensure_world_pipeline(root, assets)
 
 
+def describe(arm: str) -> list[str]:
+    """What the arm changes: its trainer overrides, and its base UNet's training length for BASE_ARMS."""
+    return ARMS[arm] + ([f"base UNet trained to {BASE_ARMS[arm]} steps"] if arm in BASE_ARMS else [])
+
+
 def trained(cfg: CapacityConfig, arm: str) -> bool:
     """Whether the arm's branch has been trained to ``cfg.steps`` (its exported adapter records the steps)."""
     done = Path(cfg.out) / arm / "train" / "adapter" / "adapter_config.json"
@@ -211,8 +216,7 @@ def summary(results: dict[str, dict]) -> dict:
             mine, theirs = a["per_identity"], ctrl["arms"]["adapter"]["per_identity"]
             row["paired_vs_control"] = {k: mean_ci(np.array(mine[k]) - np.array(theirs[k])) for k in PAIRED}
         rows[arm] = row
-    return {"control": CONTROL, "arms": rows, "arm_overrides": {
-        a: ARMS[a] + ([f"base UNet trained to {BASE_ARMS[a]} steps"] if a in BASE_ARMS else []) for a in results}}
+    return {"control": CONTROL, "arms": rows, "arm_overrides": {a: describe(a) for a in results}}
 
 
 def write_plot(s: dict, path: Path, start_figures: dict | None) -> Path:
@@ -271,9 +275,7 @@ def run_capacity(cfg: CapacityConfig) -> dict:
     if todo:
         start, shards = start_adapter(cfg)
         for arm in todo:
-            change = " ".join(ARMS[arm]) or (f"base UNet trained to {BASE_ARMS[arm]} steps" if arm in BASE_ARMS
-                                              else "no change")
-            log.info("arm %s: %d steps from %s (%s)", arm, cfg.steps, start, change)
+            log.info("arm %s: %d steps from %s (%s)", arm, cfg.steps, start, " ".join(describe(arm)) or "no change")
             results[arm] = run_arm(cfg, arm, start, shards)
             if archive is not None:
                 archive.mkdir(parents=True, exist_ok=True)

@@ -61,11 +61,10 @@ def committed_unet(cfg: WorldConfig, cross_attention_dim: int) -> tuple[dict, in
     fewer steps than ``unet.steps``."""
     from ..config import ConfigError
     from .assemble import _load_fp32, assets_dir, read_record
-    from .config import UnetConfig
     from .unet import build_unet
 
-    rec = read_record()["config"]
-    mine = cfg.model_fields()
+    theirs = record_config(read_record())
+    rec, mine = theirs.model_fields(), cfg.model_fields()
     arch = ("channels", "heads")
     for section in ("pool", "clip", "vae"):
         if rec[section] != mine[section]:
@@ -78,8 +77,7 @@ def committed_unet(cfg: WorldConfig, cross_attention_dim: int) -> tuple[dict, in
     if cfg.unet.steps <= done:
         raise ConfigError(f"unet.continue_from=assets: unet.steps={cfg.unet.steps} must exceed the committed "
                           f"UNet's {done} steps")
-    rec_unet = {k: v for k, v in rec["unet"].items() if k in UnetConfig.__dataclass_fields__}
-    unet = _load_fp32(build_unet(UnetConfig(**rec_unet), cross_attention_dim), assets_dir() / "unet.safetensors")
+    unet = _load_fp32(build_unet(theirs.unet, cross_attention_dim), assets_dir() / "unet.safetensors")
     return unet.state_dict(), done
 
 
@@ -215,13 +213,13 @@ def seed_from_assets(cfg: WorldConfig) -> list[str]:
     folder made from them, with the record's metrics, so a build that changes one stage (``unet.steps=...``)
     retrains that stage only. The committed weights are fp16, so a seeded part is their fp32 upcast (the
     ``assets`` stage writes them back bit for bit). Returns the seeded stages."""
-    from .assemble import ASSETS, _load_fp32, assets_dir, build_parts, read_record
+    from .assemble import ASSETS, RECORD, _load_fp32, assets_dir, build_parts, read_record
     from .build import stage_done
     from .clip import image_processor
     from .judge import Judge
 
     assets = assets_dir()
-    if not (assets / "world.json").is_file():
+    if not (assets / RECORD).is_file():
         return []
     rec = read_record(assets)
     theirs = record_config(rec)
