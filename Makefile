@@ -85,6 +85,12 @@ testbed-pp: $(STAMP)
 	mkdir -p testbed_out/pp
 	$(PY) scripts/run_testbed.py --config configs/testbed_pp.yaml threads=1 $(TESTBED_ARGS)
 
+# Protocol v2, revision "long": v2's design on a base model trained 10,000 steps (configs/testbed_long.yaml; README)
+.PHONY: testbed-long
+testbed-long: $(STAMP)
+	mkdir -p testbed_out/long
+	$(PY) scripts/run_testbed.py --config configs/testbed_long.yaml threads=1 $(TESTBED_ARGS)
+
 # Identity transfer vs training length (issue: how long must the main job train?); resumable
 world-length: $(STAMP)
 	$(PY) scripts/run_world_length.py $(LENGTH_ARGS)

@@ -8,6 +8,7 @@ None of them trains the real base model; models here are tiny and random.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -435,6 +436,14 @@ def test_assets_round_trip_as_safetensors_and_a_pickle_is_refused(tmp_path):
         assert not (other / "base_model.safetensors").exists()     # made with another config: not used
     finally:
         R.ASSETS = R_ASSETS
+    # the restored cache carries the record: a base of another config is refused there, the same one loads
+    from accord_face.config import ConfigError
+    from accord_face.testbed.base import train_base
+    with pytest.raises(ConfigError, match=r"fresh: holds a base model trained with another config \(base.steps 2 "
+                                          r"\(cached\) vs 3\)"):
+        train_base(BaseModelConfig(steps=3, batch_size=4), fresh)
+    loaded = train_base(replace(cfg.base, threads=2), fresh)        # how it runs is not what it is
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
     torch.save({"x": torch.ones(1)}, tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="bad.safetensors: not a safetensors file"):
         load_state(tmp_path / "bad.safetensors")

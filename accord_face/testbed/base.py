@@ -2,12 +2,15 @@
 
 Resumable: a checkpoint (weights, EMA, optimizer, step, RNG) is written
 atomically every ``checkpoint_every`` steps; a rerun continues from it. The
-finished EMA model is stored as safetensors (``base_model.safetensors``).
+finished EMA model is stored as safetensors (``base_model.safetensors``) with
+the config it was trained with beside it (``base_model.json``): a cache holding a
+base model of another config is refused with one line, never silently reused.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from pathlib import Path
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from accord_face.config import ConfigError, to_dict
 from accord_face.testbed.config import BaseModelConfig
 from accord_face.testbed.model import T2I, build_scheduler, training_target
 from accord_face.testbed.world import CaptionStyle, partial_caption, random_scene, render_batch
@@ -74,11 +78,36 @@ def base_batch(rng: np.random.Generator, n: int, dropout: float,
     return torch.from_numpy(render_batch(scenes)), caps
 
 
+RUN_ONLY = ("threads", "checkpoint_every")  # how a base is trained, not what it is
+
+
+def base_record(cfg: BaseModelConfig) -> dict:
+    """The fields that make a base model what it is (``base_model.json`` in the cache and the assets)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY}
+
+
+def check_cached_base(cache: Path, cfg: BaseModelConfig) -> None:
+    """Raise ConfigError when ``cache`` records a base model trained with another config.
+
+    A cache without a record (made before records existed) is accepted as it is."""
+    rec = cache / "base_model.json"
+    if not rec.exists():
+        return
+    have = {k: v for k, v in json.loads(rec.read_text()).get("config", {}).items() if k not in RUN_ONLY}
+    want = base_record(cfg)
+    diff = {k: (have.get(k), want[k]) for k in want if have.get(k) != want[k]}
+    if diff:
+        shown = ", ".join(f"base.{k} {a} (cached) vs {b}" for k, (a, b) in sorted(diff.items()))
+        raise ConfigError(f"{cache}: holds a base model trained with another config ({shown}); set cache_dir to "
+                          "another folder or delete base_model.* there to retrain")
+
+
 def train_base(cfg: BaseModelConfig, cache: Path) -> T2I:
     """Return the EMA base model, training it (resumably) if ``cache/base_model.safetensors`` is missing."""
     cache.mkdir(parents=True, exist_ok=True)
     final, ckpt_path = cache / "base_model.safetensors", cache / "base_ckpt.pt"
     model = T2I(cfg.seed)
+    check_cached_base(cache, cfg)
     if final.exists():
         model.load_state_dict(load_state(final))
         return model.eval()
@@ -119,5 +148,8 @@ def train_base(cfg: BaseModelConfig, cache: Path) -> T2I:
                          "step": step + 1, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()},
                         ckpt_path)
     save_state(ema.state_dict(), final)
+    tmp = cache / f"base_model.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"config": to_dict(cfg)}, indent=1))
+    os.replace(tmp, cache / "base_model.json")
     ckpt_path.unlink(missing_ok=True)
     return ema.eval()

@@ -418,6 +418,9 @@ def restore_assets(cfg: TestbedConfig, cache: Path) -> None:
             tmp = cache / f"{src.name}.{os.getpid()}.tmp"  # atomic: parallel processes may restore at once
             shutil.copyfile(src, tmp)
             os.replace(tmp, cache / src.name)
+            if name == "base_model":  # its record goes with it (train_base checks it)
+                shutil.copyfile(meta, tmp)
+                os.replace(tmp, cache / meta.name)
             log.info("using the committed %s (%s): its config matches", name, src)
         else:
             log.info("not using the committed %s: it was made with another config", name)

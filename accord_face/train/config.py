@@ -125,14 +125,23 @@ class LossConfig:
     pd_mapping: Literal["text_projection_mean", "text_projection_mean_tail"] = field(
         "text_projection_mean", help="f_p: CLIP text_projection of the mean identity token "
                                      "(_tail: of its last hidden_size dims, for SDXL's concatenated space)")
+    lambda_id: float = field(0.0, help="weight of the identity loss on the predicted clean image (PuLID-style: "
+                                       "1 - cos of the recognizer's embedding of VAE.decode(x0_hat) and the "
+                                       "conditioning one; train/identity_loss.py); 0 = off")
+    id_timestep_fraction: float = field(0.5, help="identity loss only where t < this share of the schedule "
+                                                  "(x0_hat is a face there, not a blur)")
+    id_recognizer: str = field("auto", help="recognizer of the identity loss: auto = the shards' own (world "
+                                            "backend), or an ArcFace-template ONNX file (112 px)")
 
     def validate(self) -> None:
         if not 0 < self.dd_batch_fraction <= 1:
             raise ValueError("losses.dd_batch_fraction must lie in (0, 1]")
         if self.dd_every_n_steps < 1 or self.dd_k < 1:
             raise ValueError("losses.dd_every_n_steps and losses.dd_k must be >= 1")
-        if self.lambda_dd < 0 or self.lambda_pd < 0:
+        if self.lambda_dd < 0 or self.lambda_pd < 0 or self.lambda_id < 0:
             raise ValueError("loss weights must be >= 0")
+        if not 0 < self.id_timestep_fraction <= 1:
+            raise ValueError("losses.id_timestep_fraction must lie in (0, 1]")
 
 
 @dataclass
@@ -212,6 +221,9 @@ class TrainConfig:
             raise ValueError("max_steps and train_batch_size must be >= 1")
         if self.resolution % 8:
             raise ValueError(f"resolution {self.resolution} must be a multiple of 8")
+        if self.losses.lambda_id > 0 and self.data.random_flip:
+            raise ValueError("losses.lambda_id > 0 places the face crop by the photo's stored landmarks, which a "
+                             "flip would mirror: set data.random_flip=false")
         if self.export_format == "comfyui":
             from ..export_formats import ipadapter_config_problems
 

@@ -158,7 +158,8 @@ def _adapter_info(cfg: TrainConfig, parts, info: ShardInfo, model, step: int) ->
         "losses": {"lambda_dd": L.lambda_dd, "lambda_pd": L.lambda_pd, "dd_batch_fraction": L.dd_batch_fraction,
                    "dd_every_n_steps": L.dd_every_n_steps, "dd_reference": L.dd_reference,
                    "dd_timesteps": L.dd_timesteps, "superclass_prompt": L.superclass_prompt,
-                   "pd_mapping": L.pd_mapping, "lambda_warmup_steps": L.lambda_warmup_steps},
+                   "pd_mapping": L.pd_mapping, "lambda_warmup_steps": L.lambda_warmup_steps,
+                   "lambda_id": L.lambda_id, "id_timestep_fraction": L.id_timestep_fraction},
         "train_steps": step,
         "base_fingerprint": getattr(parts, "base_fingerprint", None),   # checked by generate / evaluate
         **adapter_config_fields(cfg, parts),
@@ -317,6 +318,12 @@ def train(cfg: TrainConfig) -> dict:
     dist.barrier()
     parts = load_frozen_parts(cfg, device, dtype, with_clip=cfg.losses.lambda_pd > 0)
     attach_family_parts(cfg, parts, info, device, dtype, rank)          # CLIP tower / identity bank
+    if cfg.losses.lambda_id > 0:
+        from .identity_loss import load_identity_loss
+        try:
+            parts.identity_loss = load_identity_loss(cfg.losses.id_recognizer, info.recognizer, device)
+        except (ValueError, NotImplementedError) as err:
+            raise ConfigError(str(err)) from None
     info.face_crop_size = face_crop_size(parts)
     model = build_model(cfg, parts)
     parts.base_fingerprint = base_fingerprint(cfg.pretrained_model, parts.path, model.unet)   # before ZeRO partitions
@@ -377,7 +384,7 @@ def train(cfg: TrainConfig) -> dict:
             engine.backward(terms["loss"])
             _maybe_kill(cfg, "backward", step)
             engine.step()
-            for k in ("loss", "mse", "dd", "pd"):
+            for k in ("loss", "mse", "dd", "pd", "id"):
                 sums[k] = sums.get(k, 0.0) + float(terms[k].detach()) / gas
             sums["cos_gap"] = sums.get("cos_gap", 0.0) + (float(terms["cos_gap"].mean()) if terms["cos_gap"].numel() else 0.0) / gas
             deltas.append(terms["delta"].cpu())

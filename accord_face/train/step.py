@@ -20,6 +20,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +61,8 @@ class StepBatch:
     #                                               from the conditioning forward (PDLoss f_g; None: second pass)
     clip: Optional[torch.Tensor] = None          # FaceID-Plus (B, n, L, H) CLIP face states after dropout
     clip_null: Optional[torch.Tensor] = None     # FaceID-Plus (1, 1, L, H): dropped identity = CLIP(zero pixels)
+    id_kept: Optional[torch.Tensor] = None       # (B,) bool: identity not dropped
+    landmarks: Optional["np.ndarray"] = None     # (B, 5, 2) training-image landmarks (identity loss only)
 
     def identity(self, idx: Optional[torch.Tensor] = None) -> dict:
         """Extra identity inputs of the model call: {"clip_embeds": (m, n, L, H)} for FaceID-Plus, else {}."""
@@ -117,10 +120,14 @@ def prepare_batch(batch: dict, parts: FrozenParts, cfg: TrainConfig, step: int, 
         clip_null = parts.image_encoder.null_embeds().float()[None]                   # (1, 1, L, H)
         clip = torch.where(drop_id.view(-1, 1, 1, 1), clip_null, clip)                # dropped: CLIP(zero pixels)
     time_ids = sdxl_time_ids(len(keys), cfg.resolution, device) if parts.is_sdxl else None
+    landmarks = None
+    if getattr(parts, "identity_loss", None) is not None:
+        from .identity_loss import training_landmarks
+        landmarks = training_landmarks(batch["meta"], cfg.resolution)
     return StepBatch(keys=keys, captions=captions, x0=x0, noise=noise, timesteps=t, noisy=noisy, text=text,
                      text_empty=text_empty, id_embeds=ids, keep_both=~(drop_id | drop_cap), generators=gens,
                      pooled=pooled, pooled_empty=pooled_empty, time_ids=time_ids, text_features=features,
-                     clip=clip, clip_null=clip_null)
+                     clip=clip, clip_null=clip_null, id_kept=~drop_id, landmarks=landmarks)
 
 
 def lambda_scale(step: int, warmup_steps: int) -> float:
@@ -165,7 +172,7 @@ def compute_losses(model: Callable, sb: StepBatch, parts: FrozenParts, cfg: Trai
 
     model / ref: callables (noisy, t, text, id_embeds, added_cond_kwargs) -> (pred, tokens);
     ``ref`` (default ``model``) computes the three no-grad DDLoss branches.
-    Returns tensors: loss, mse, dd, pd (0-d), and for logging delta (M,), dd_timesteps (M,), cos_gap (n,),
+    Returns tensors: loss, mse, dd, pd, id (0-d), and for logging delta (M,), dd_timesteps (M,), cos_gap (n,),
     lambda_dd, lambda_pd (effective, after warm-up).
     """
     L = cfg.losses
@@ -199,7 +206,7 @@ def compute_losses(model: Callable, sb: StepBatch, parts: FrozenParts, cfg: Trai
     target = losses.denoising_target(sched, sb.x0, sb.noise, sb.timesteps)
     mse = F.mse_loss(pred.float(), target.float())
     zero = mse.new_zeros(())
-    out = {"mse": mse, "dd": zero, "pd": zero, "lambda_dd": torch.tensor(lam_dd), "lambda_pd": torch.tensor(lam_pd),
+    out = {"mse": mse, "dd": zero, "pd": zero, "id": zero, "lambda_dd": torch.tensor(lam_dd), "lambda_pd": torch.tensor(lam_pd),
            "delta": zero.new_zeros(0), "dd_timesteps": sb.timesteps.new_zeros(0), "cos_gap": zero.new_zeros(0)}
     total = mse
 
@@ -225,6 +232,12 @@ def compute_losses(model: Callable, sb: StepBatch, parts: FrozenParts, cfg: Trai
         pd = losses.prior_decouple_loss(f_p, f_s, f_g)
         out.update(pd=pd, cos_gap=losses.cosine_gap(f_p.detach(), f_s, f_g).flatten())
         total = total + lam_pd * pd
+
+    if L.lambda_id > 0 and getattr(parts, "identity_loss", None) is not None:
+        from .identity_loss import identity_term
+        l_id, _ = identity_term(pred, sb, parts, L.id_timestep_fraction)
+        out["id"] = l_id
+        total = total + L.lambda_id * l_id
 
     out["loss"] = total
     return out

@@ -17,6 +17,13 @@ noise as every milestone (``evaluate.run_world_eval``):
                     (``unet.continue_from=assets``, built into ``world_cache``); the adapter continues on
                     it and its evaluation's no-adapter draw is that UNet too. Added after the first four
                     arms, on a diagnosis that located the limit in the base model (README)
+    idloss0.1       + an identity loss on the UNet's clean-image estimate (``losses.lambda_id=0.1``: 1 - cos
+                    of world_a's embedding of VAE.decode(x0_hat) and the conditioning one, t < T/2; PuLID's
+                    and PortraitBooth's recipe; train/identity_loss.py), constant lr as the control. Added
+                    after ``unet6000``; lambda fixed before it ran by the gradient-norm ratio on the
+                    16,000-step adapter: |grad L_id| / |grad L_mse| = 4.4 at lambda 1 (8 batches of 16;
+                    gradients orthogonal, cos 0.03), so 0.1 is a ratio of about 0.44. Its evaluation
+                    uses world_b as every arm's: the loss's recognizer is never the instrument
 
 Protocol, fixed before any arm ran: the unit is the held-out person (50); each arm's figures are
 means with 95 % intervals over them, and paired per-person differences to ``constant`` (same people,
@@ -55,6 +62,7 @@ ARMS: dict[str, list[str]] = {
     "cosine": ["optimizer.lr_scheduler=cosine"],
     "lora16_cosine": ["optimizer.lr_scheduler=cosine", "lora.rank=16"],
     "lora64_cosine": ["optimizer.lr_scheduler=cosine", "lora.rank=64"],
+    "idloss0.1": ["losses.lambda_id=0.1"],
 }
 # Arms on a longer-trained base UNet: arm -> the UNet's total training steps (``longer_base``).
 BASE_ARMS: dict[str, int] = {"unet6000": 6000}
