@@ -62,11 +62,11 @@ ARMS: dict[str, list[str]] = {
     "cosine": ["optimizer.lr_scheduler=cosine"],
     "lora16_cosine": ["optimizer.lr_scheduler=cosine", "lora.rank=16"],
     "lora64_cosine": ["optimizer.lr_scheduler=cosine", "lora.rank=64"],
-    "idloss0.1": ["losses.lambda_id=0.1"],
 }
 # Arms on a longer-trained base UNet: arm -> the UNet's total training steps (``longer_base``).
 BASE_ARMS: dict[str, int] = {"unet6000": 6000}
 ARMS.update({arm: [] for arm in BASE_ARMS})
+ARMS["idloss0.1"] = ["losses.lambda_id=0.1"]     # added after unet6000 (module docstring)
 CONTROL = "constant"
 PAIRED = ("identity_similarity", "retrieval_top1", "context_accuracy", "coupling_rate", "clip_t")
 
