@@ -22,7 +22,6 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IdentityLoss", "crop_theta", "load_identity_loss", "training_landmarks"]
+__all__ = ["IdentityLoss", "crop_theta", "identity_term", "load_identity_loss", "training_landmarks"]
 
 
 def crop_theta(landmarks: np.ndarray, template: np.ndarray, image_size: int, crop_size: int) -> torch.Tensor:
@@ -138,7 +137,3 @@ def identity_term(pred: torch.Tensor, sb, parts, fraction: float) -> tuple[torch
     ref = ref.mean(dim=1) if ref.ndim == 3 else ref                                               # (m, D)
     per = parts.identity_loss(images, sb.landmarks[keep.cpu().numpy()], ref)
     return per.mean(), len(keep)
-
-
-def attached(parts) -> Optional[IdentityLoss]:
-    return getattr(parts, "identity_loss", None)
