@@ -35,7 +35,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         handlers=[logging.StreamHandler(), logging.FileHandler(Path(cfg.out_dir) / "testbed.log")])
     if args.export_assets:
-        for path in export_assets(cfg):
+        for path in export_assets(cfg, config_path=args.config):
             print(f"wrote {path}")
         return
     try:

@@ -444,6 +444,19 @@ def test_assets_round_trip_as_safetensors_and_a_pickle_is_refused(tmp_path):
         train_base(BaseModelConfig(steps=3, batch_size=4), fresh)
     loaded = train_base(replace(cfg.base, threads=2), fresh)        # how it runs is not what it is
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    # a revision's base goes under its own asset name and comes back as the cache's base_model
+    rev = tiny_config(tmp_path, base_asset="base_model_rev")
+    names = sorted(p.name for p in export_assets(rev, tmp_path / "rev_assets", config_path="configs/rev.yaml"))
+    assert names[:2] == ["base_model_rev.json", "base_model_rev.safetensors"]
+    assert "configs/rev.yaml" in json.loads((tmp_path / "rev_assets" / "base_model_rev.json").read_text())["rebuild"]
+    R.ASSETS = tmp_path / "rev_assets"
+    try:
+        restore_assets(rev, tmp_path / "rev_cache")
+    finally:
+        R.ASSETS = R_ASSETS
+    assert (tmp_path / "rev_cache" / "base_model.safetensors").read_bytes() == \
+        (tmp_path / "rev_assets" / "base_model_rev.safetensors").read_bytes()
+    assert (tmp_path / "rev_cache" / "base_model.json").is_file()
     torch.save({"x": torch.ones(1)}, tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="bad.safetensors: not a safetensors file"):
         load_state(tmp_path / "bad.safetensors")

@@ -119,6 +119,9 @@ class TestbedConfig:
                                   "after it (the cache carries the rest to a later invocation); '' = no limit")
     prepare_only: bool = field(False, help="stop after base model, judge, strength choice and calibration "
                                            "(make testbed runs this first, then the runs in two processes)")
+    base_asset: str = field("base_model", help="committed base model of this config: accord_face/testbed/assets/"
+                                               "<name>.safetensors + <name>.json (a revision with another base "
+                                               "names its own, e.g. base_model_long)")
     use_assets: bool = field(True, help="start from the committed base model / judge (accord_face/testbed/assets) "
                                         "when the cache is empty and their recorded config equals this one")
 

@@ -409,37 +409,41 @@ def _calibration_summary(calib: dict) -> dict:
 def restore_assets(cfg: TestbedConfig, cache: Path) -> None:
     """Copy the committed base model / judge into an empty cache when they were made with this config."""
     import shutil
-    for name, sub in (("base_model", cfg.base), (f"judge_v{cfg.judge.version}", cfg.judge)):
+    judge = f"judge_v{cfg.judge.version}"
+    # (asset name, name in the cache, config it must have been made with)
+    for name, cached, sub in ((cfg.base_asset, "base_model", cfg.base), (judge, judge, cfg.judge)):
         src, meta = ASSETS / f"{name}.safetensors", ASSETS / f"{name}.json"
-        if (cache / src.name).exists() or not src.exists() or not meta.exists():
+        if (cache / f"{cached}.safetensors").exists() or not src.exists() or not meta.exists():
             continue
         if json.loads(meta.read_text()).get("config") == to_dict(sub):
             cache.mkdir(parents=True, exist_ok=True)
-            tmp = cache / f"{src.name}.{os.getpid()}.tmp"  # atomic: parallel processes may restore at once
+            tmp = cache / f"{cached}.{os.getpid()}.tmp"  # atomic: parallel processes may restore at once
             shutil.copyfile(src, tmp)
-            os.replace(tmp, cache / src.name)
-            if name == "base_model":  # its record goes with it (train_base checks it)
+            os.replace(tmp, cache / f"{cached}.safetensors")
+            if cached == "base_model":  # its record goes with it (train_base checks it)
                 shutil.copyfile(meta, tmp)
-                os.replace(tmp, cache / meta.name)
+                os.replace(tmp, cache / "base_model.json")
             log.info("using the committed %s (%s): its config matches", name, src)
         else:
             log.info("not using the committed %s: it was made with another config", name)
 
 
-def export_assets(cfg: TestbedConfig, assets: Path = ASSETS) -> list[Path]:
-    """Train (or load) the base model and judge into the cache, then copy them to ``assets`` with their
-    config and the command that rebuilds them (what restore_assets checks)."""
+def export_assets(cfg: TestbedConfig, assets: Path = ASSETS, config_path: str = "configs/testbed.yaml") -> list[Path]:
+    """Train (or load) the base model and judge into the cache, then copy them to ``assets`` (the base as
+    ``cfg.base_asset``) with their config and the command that rebuilds them (what restore_assets checks)."""
     import shutil
     cache = Path(cfg.cache_dir)
     train_base(cfg.base, cache)
     _, report = train_judge(cfg.judge, cache)
+    rebuild = REBUILD.replace("configs/testbed.yaml", config_path)
+    judge = f"judge_v{cfg.judge.version}"
     written = []
-    for name, sub, extra in (("base_model", cfg.base, {}), (f"judge_v{cfg.judge.version}", cfg.judge,
-                                                            {"held_out_accuracy": report})):
-        src, dst = cache / f"{name}.safetensors", assets / f"{name}.safetensors"
+    for name, cached, sub, extra in ((cfg.base_asset, "base_model", cfg.base, {}),
+                                     (judge, judge, cfg.judge, {"held_out_accuracy": report})):
+        src, dst = cache / f"{cached}.safetensors", assets / f"{name}.safetensors"
         assets.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
-        write_json({"config": to_dict(sub), "protocol_version": PROTOCOL_VERSION, "rebuild": REBUILD, **extra},
+        write_json({"config": to_dict(sub), "protocol_version": PROTOCOL_VERSION, "rebuild": rebuild, **extra},
                    assets / f"{name}.json")
         written += [dst, assets / f"{name}.json"]
     return written
