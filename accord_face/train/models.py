@@ -116,6 +116,7 @@ class FrozenParts:
     image_encoder: Optional[nn.Module] = None   # FaceID-Plus: family.clip_image.ImageEncoder (frozen CLIP vision)
     identity_bank: Any = None                   # Portrait: family.portrait.IdentityBank (photos per person)
     reference_bank: Any = None                  # encoder.reference=other_photo: family.reference.ReferenceBank
+    identity_loss: Any = None                   # losses.lambda_id > 0: train.identity_loss.IdentityLoss
 
 
 def _check_tokenizer(tok, where: str):

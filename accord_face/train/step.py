@@ -1,4 +1,4 @@
-"""One training step's loss assembly: base denoising loss + lambda_dd L_DD + lambda_pd L_PD.
+"""One training step's loss assembly: base denoising loss + lambda_dd L_DD + lambda_pd L_PD (+ lambda_id L_id).
 
     batch -> latents (VAE) -> per-sample noise, t, condition dropout
           -> one batched no-grad forward of (p, g, 0) on the DD subset   (before the joint forward:
@@ -6,6 +6,8 @@
           -> joint forward (grad)              -> base MSE (fp32)         [loss "mse"]
           -> Delta_t from the joint prediction and the three branches    [loss "dd"]
           -> f_p from the joint forward's identity tokens, f_s (cached), f_g from the text forward above [loss "pd"]
+          -> lambda_id > 0: recognizer embedding of VAE.decode(x0_hat) vs the conditioning one   [loss "id"]
+                                                                          (train/identity_loss.py)
 
 Randomness (noise, t, dropout, DDLoss draws) comes from a generator seeded by
 (seed, step, sample key), so a sample gets the same draws whatever rank or
@@ -62,7 +64,7 @@ class StepBatch:
     clip: Optional[torch.Tensor] = None          # FaceID-Plus (B, n, L, H) CLIP face states after dropout
     clip_null: Optional[torch.Tensor] = None     # FaceID-Plus (1, 1, L, H): dropped identity = CLIP(zero pixels)
     id_kept: Optional[torch.Tensor] = None       # (B,) bool: identity not dropped
-    landmarks: Optional["np.ndarray"] = None     # (B, 5, 2) training-image landmarks (identity loss only)
+    landmarks: Optional[np.ndarray] = None       # (B, 5, 2) training-image landmarks (identity loss only)
 
     def identity(self, idx: Optional[torch.Tensor] = None) -> dict:
         """Extra identity inputs of the model call: {"clip_embeds": (m, n, L, H)} for FaceID-Plus, else {}."""
