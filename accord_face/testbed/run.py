@@ -406,12 +406,16 @@ def _calibration_summary(calib: dict) -> dict:
     return out
 
 
+def _asset_names(cfg: TestbedConfig) -> list[tuple[str, str, object]]:
+    """(asset name, name in the cache, the config section it is made with) of the base model and judge."""
+    judge = f"judge_v{cfg.judge.version}"
+    return [(cfg.base_asset, "base_model", cfg.base), (judge, judge, cfg.judge)]
+
+
 def restore_assets(cfg: TestbedConfig, cache: Path) -> None:
     """Copy the committed base model / judge into an empty cache when they were made with this config."""
     import shutil
-    judge = f"judge_v{cfg.judge.version}"
-    # (asset name, name in the cache, config it must have been made with)
-    for name, cached, sub in ((cfg.base_asset, "base_model", cfg.base), (judge, judge, cfg.judge)):
+    for name, cached, sub in _asset_names(cfg):
         src, meta = ASSETS / f"{name}.safetensors", ASSETS / f"{name}.json"
         if (cache / f"{cached}.safetensors").exists() or not src.exists() or not meta.exists():
             continue
@@ -436,10 +440,8 @@ def export_assets(cfg: TestbedConfig, assets: Path = ASSETS, config_path: str = 
     train_base(cfg.base, cache)
     _, report = train_judge(cfg.judge, cache)
     rebuild = REBUILD.replace("configs/testbed.yaml", config_path)
-    judge = f"judge_v{cfg.judge.version}"
     written = []
-    for name, cached, sub, extra in ((cfg.base_asset, "base_model", cfg.base, {}),
-                                     (judge, judge, cfg.judge, {"held_out_accuracy": report})):
+    for (name, cached, sub), extra in zip(_asset_names(cfg), ({}, {"held_out_accuracy": report})):
         src, dst = cache / f"{cached}.safetensors", assets / f"{name}.safetensors"
         assets.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)

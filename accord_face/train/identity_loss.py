@@ -1,6 +1,6 @@
 """Identity loss on the predicted clean image (as PuLID and PortraitBooth add to the diffusion loss).
 
-For a sample with kept identity at timestep t < ``id_max_timestep``:
+For a sample with kept identity at timestep t < ``id_timestep_fraction`` x T:
 
     x0_hat = x0(x_t, UNet output)                                 (latents; losses.predicted_original_sample)
     img    = VAE.decode(x0_hat / scaling_factor)                  (B, 3, R, R) in [-1, 1], gradient kept
@@ -18,7 +18,6 @@ cannot raise the measured identity score by fooling the instrument.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,10 +80,6 @@ class IdentityLoss:
         return 1.0 - (self.embed(images, landmarks) * F.normalize(ref.float(), dim=1)).sum(dim=1)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_identity_loss(setting: str, recognizer: dict, device: torch.device) -> IdentityLoss:
     """The recognizer of ``losses.id_recognizer``: ``auto`` = the shards' own (world backend: its
     ONNX file beside the world pipeline, checked against the manifest's sha256), or a path to an
@@ -96,6 +91,7 @@ def load_identity_loss(setting: str, recognizer: dict, device: torch.device) -> 
             raise ValueError(f"losses.id_recognizer=auto knows the world backend's recognizers only; these shards "
                              f"were embedded by {recognizer.get('name')!r} (backend {recognizer.get('backend')!r}): "
                              "set losses.id_recognizer to that recognizer's ONNX file")
+        from ..face import file_sha256
         from ..world.assemble import face_models_dir
         from ..world.backend import recognizer_file
         from ..world.face_models import RECOGNIZERS, world_template
@@ -103,7 +99,7 @@ def load_identity_loss(setting: str, recognizer: dict, device: torch.device) -> 
         name = recognizer.get("model_name") or str(recognizer.get("name", "world_a")).split("_", 1)[-1]
         path = face_models_dir() / recognizer_file(name)
         want = (recognizer.get("model_files") or {}).get(path.name)
-        if want and _sha256(path) != want:
+        if want and file_sha256(path) != want:
             raise ValueError(f"{path}: not the recognizer the shards were embedded with (sha256 differs from the "
                              "manifest's model_files); rebuild the shards or point losses.id_recognizer at it")
         size = RECOGNIZERS[name].crop
