@@ -91,6 +91,11 @@ testbed-long: $(STAMP)
 	mkdir -p testbed_out/long
 	$(PY) scripts/run_testbed.py --config configs/testbed_long.yaml threads=1 $(TESTBED_ARGS)
 
+.PHONY: testbed-long-powered
+testbed-long-powered: $(STAMP)
+	mkdir -p testbed_out/long
+	$(PY) scripts/run_testbed.py --config configs/testbed_long_powered.yaml threads=1 $(TESTBED_ARGS)
+
 # Identity transfer vs training length (issue: how long must the main job train?); resumable
 world-length: $(STAMP)
 	$(PY) scripts/run_world_length.py $(LENGTH_ARGS)

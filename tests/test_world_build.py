@@ -67,8 +67,19 @@ def test_continue_from_assets_refuses_what_the_committed_unet_was_not_trained_fo
         committed_unet(_cfg(tmp_path, "unet.continue_from=assets", "unet.steps=2000", "vae.steps=7"), 96)
     with pytest.raises(ConfigError, match="unet.channels"):
         committed_unet(_cfg(tmp_path, "unet.continue_from=assets", "unet.steps=2000", "unet.channels=[32,64,64]"), 96)
-    with pytest.raises(ConfigError, match="continue_from must be '' or 'assets'"):
+    with pytest.raises(ConfigError, match="continue_from must be '' or 'assets' or a world assets folder"):
         _cfg(tmp_path, "unet.continue_from=checkpoint")
+    # a folder of world assets (as the assets stage writes them) is continued from its own record, not the
+    # committed one: here a copy whose record says 1850 steps
+    other = tmp_path / "assets-unet1850"
+    shutil.copytree(assets_copy, other)
+    rec = json.loads((other / "world.json").read_text())
+    rec["config"]["unet"]["steps"] = 1850
+    (other / "world.json").write_text(json.dumps(rec))
+    with pytest.raises(ConfigError, match="must exceed the UNet's 1850 steps"):
+        committed_unet(_cfg(tmp_path, f"unet.continue_from={other}", "unet.steps=1850"), 96)
+    state, done = committed_unet(_cfg(tmp_path, f"unet.continue_from={other}", "unet.steps=1900"), 96)
+    assert done == 1850 and state
 
 
 def test_a_continued_unet_starts_from_the_committed_weights_not_from_random_ones(tmp_path, assets_copy):

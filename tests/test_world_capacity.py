@@ -122,3 +122,30 @@ def test_a_longer_base_arm_trains_and_evaluates_on_its_own_base_and_others_on_th
     assert f"pretrained_model={tmp_path / 'base-6000'}" in launched["unet6000"]
     assert not any(x.startswith("pretrained_model=") for x in launched["cosine"])
     assert built == [6000] and "unet6000" in capacity.ARMS
+
+
+def test_the_12000_step_base_continues_the_6000_step_one_which_continues_the_committed_one(tmp_path, monkeypatch):
+    """``longer_base(12000)`` builds the 6,000-step base first (if missing) and continues its assets folder;
+    the 6,000-step base continues the committed UNet; a built base is reused, never retrained."""
+    from accord_face.world import assemble, build, stages
+
+    calls = []
+
+    def run_stage(wcfg, stage):
+        calls.append((wcfg.unet.steps, wcfg.unet.continue_from))
+
+    def run_assets(wcfg, out):
+        out.mkdir(parents=True)
+        (out / "world.json").write_text("{}")
+
+    monkeypatch.setattr(stages, "seed_from_assets", lambda wcfg: [])
+    monkeypatch.setattr(build, "run_stage", run_stage)
+    monkeypatch.setattr(stages, "run_assets", run_assets)
+    monkeypatch.setattr(assemble, "ensure_world_pipeline", lambda root, assets: assets)
+    monkeypatch.setattr(capacity, "REPO", tmp_path)
+    cfg = capacity.CapacityConfig(world_cache="cache")
+    root = tmp_path / "cache"
+    assert capacity.longer_base(cfg, 12000) == root / "assets-unet12000"
+    assert calls == [(6000, "assets"), (12000, str(root / "assets-unet6000"))]
+    capacity.longer_base(cfg, 12000)
+    assert len(calls) == 2

@@ -152,6 +152,38 @@ def test_render_ceiling_finds_the_people_in_clean_renders_and_not_in_swapped_one
     assert wrong["retrieval_top1"]["mean"] <= 0.25 and wrong["identity_similarity"]["mean"] < 0.3
 
 
+def test_conditioning_photos_are_other_photos_of_the_same_person(world_dir, tmp_path):
+    """``conditioning_photos=3``: the reference first, then 2 new photos of that person (not copies of the
+    reference); the independent recognizer finds each extra photo's own person among the references more
+    often than chance; 0 photos is refused."""
+    import numpy as np
+    from PIL import Image
+
+    from accord_face.world.evaluate import EvalPlan, WorldScorer
+
+    scorer = WorldScorer()
+    plan = EvalPlan.make(tmp_path / "refs", 8, 1, 0, scorer, conditioning_photos=3)
+    names = [n for n in plan.names if plan.ref_b[n] is not None]
+    gallery = np.stack([plan.ref_b[n] for n in names])
+    hits = total = 0
+    for n in names:
+        files = plan.conditioning(n)
+        assert len(files) == 3 and files[0] == plan.photo(n) and all(f.is_file() for f in files)
+        ref = np.asarray(Image.open(files[0]))
+        for f in files[1:]:
+            img = np.asarray(Image.open(f).convert("RGB"))
+            assert np.abs(img.astype(float) - ref).mean() > 5, f"{f} is the reference again"
+            e = scorer.embed(img)
+            if e is not None:
+                hits += names[int(np.argmax(gallery @ e))] == n
+                total += 1
+    assert total >= 10 and hits / total >= 0.5, (hits, total)
+    assert EvalPlan.make(tmp_path / "refs1", 2, 1, 0, scorer).conditioning("h2000") \
+        == [tmp_path / "refs1" / "h2000.png"]
+    with pytest.raises(ValueError, match="conditioning_photos=0"):
+        EvalPlan.make(tmp_path / "refs0", 2, 1, 0, scorer, conditioning_photos=0)
+
+
 def test_vae_ceiling_keeps_people_through_the_world_vae_and_loses_them_through_a_broken_one(world_dir, tmp_path):
     """The ceiling through the VAE (renders -> decode(mode(encode(x)))) keeps identity with the world's VAE;
     the same VAE with its decoder's output convolution zeroed returns a flat image and finds nobody."""

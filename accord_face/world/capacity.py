@@ -24,6 +24,11 @@ noise as every milestone (``evaluate.run_world_eval``):
                     16,000-step adapter: |grad L_id| / |grad L_mse| = 4.4 at lambda 1 (8 batches of 16;
                     gradients orthogonal, cos 0.03), so 0.1 is a ratio of about 0.44. Its evaluation
                     uses world_b as every arm's: the loss's recognizer is never the instrument
+    unet12000       the base UNet trained to 12,000 steps (the 6,000-step one continued, ``CONTINUES``) and
+                    the adapter branch on it, as ``unet6000``. Added after ``idloss0.1`` and the diagnosis
+                    ``photos4`` (the mean embedding of 4 photos changes nothing), on a look at the grids:
+                    hair and skin carry over, the face's inner features (eyes, brows, nose, mouth) come out
+                    blurred in every arm, the no-adapter draw too
 
 Protocol, fixed before any arm ran: the unit is the held-out person (50); each arm's figures are
 means with 95 % intervals over them, and paired per-person differences to ``constant`` (same people,
@@ -64,7 +69,10 @@ ARMS: dict[str, list[str]] = {
     "lora64_cosine": ["optimizer.lr_scheduler=cosine", "lora.rank=64"],
 }
 # Arms on a longer-trained base UNet: arm -> the UNet's total training steps (``longer_base``).
-BASE_ARMS: dict[str, int] = {"unet6000": 6000}
+BASE_ARMS: dict[str, int] = {"unet6000": 6000, "unet12000": 12000}
+# A longer base continues a shorter one's assets (UNet steps -> the steps it continues; absent: the committed UNet),
+# so the 12,000-step UNet is the 6,000-step one trained 6,000 steps more (fresh optimizer and warm-up at 6,000).
+CONTINUES: dict[int, int] = {12000: 6000}
 ARMS.update({arm: [] for arm in BASE_ARMS})
 ARMS["idloss0.1"] = ["losses.lambda_id=0.1"]     # added after unet6000 (module docstring)
 CONTROL = "constant"
@@ -119,7 +127,8 @@ def start_adapter(cfg: CapacityConfig) -> tuple[Path, Path]:
 
 def longer_base(cfg: CapacityConfig, unet_steps: int) -> Path:
     """The ``embedded:faces`` pipeline with its UNet trained to ``unet_steps`` (the committed UNet continued,
-    ``unet.continue_from=assets``; every other part the committed one). Built once into ``cfg.world_cache``
+    ``unet.continue_from=assets``, or the shorter base ``CONTINUES`` names, built first; every other part the
+    committed one). Built once into ``cfg.world_cache``
     (the UNet stage resumes from its checkpoints; ``assets-unet<N>/`` holds its assets, the pipeline folder
     is expanded from them as the committed one is) and reused."""
     import torch
@@ -133,7 +142,11 @@ def longer_base(cfg: CapacityConfig, unet_steps: int) -> Path:
     root = REPO / cfg.world_cache
     assets = root / f"assets-unet{unet_steps}"
     if not (assets / "world.json").is_file():
-        wcfg = load_config(WorldConfig, None, [f"cache_dir={root}", "unet.continue_from=assets",
+        source = "assets"
+        if unet_steps in CONTINUES:
+            longer_base(cfg, CONTINUES[unet_steps])
+            source = str(root / f"assets-unet{CONTINUES[unet_steps]}")
+        wcfg = load_config(WorldConfig, None, [f"cache_dir={root}", f"unet.continue_from={source}",
                                                f"unet.steps={unet_steps}", f"threads={cfg.threads}"])
         torch.set_num_threads(cfg.threads)
         seed_from_assets(wcfg)

@@ -7,6 +7,7 @@ reused only while every field that shapes a model matches (``model_fields``).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from accord_face.config import field
 
@@ -51,11 +52,14 @@ class UnetConfig:
     seed: int = field(3, help="init / data seed")
     continue_from: str = field("", help="'assets': continue the committed UNet (its EMA weights, at its recorded step "
                                         "count) with a fresh optimizer and warm-up, up to `steps`, instead of "
-                                        "training from random weights")
+                                        "training from random weights; or a folder of world assets written by "
+                                        "the assets stage (world.json, unet.safetensors): continue that UNet")
 
     def validate(self) -> None:
-        if self.continue_from not in ("", "assets"):
-            raise ValueError(f"unet.continue_from must be '' or 'assets', got {self.continue_from!r}")
+        c = self.continue_from
+        if c not in ("", "assets") and not (Path(c) / "world.json").is_file():
+            raise ValueError(f"unet.continue_from must be '' or 'assets' or a world assets folder holding "
+                             f"world.json, got {c!r}")
 
 
 @dataclass

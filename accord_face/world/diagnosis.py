@@ -15,6 +15,9 @@ and noise, so per-person differences are paired):
     ddim_g2, dpm_g2   another sampler (DDIM, DPM-Solver multistep) at guidance 2
     unet6000_as_is    the same adapter on the longer-trained base UNet (``capacity.BASE_ARMS``), not
                       retrained for it: does a stronger base draw the identity the adapter asks for?
+    photos4           conditioned on the mean embedding of 4 photos of each person (the reference and 3
+                      others, as ``generate --photo`` repeated does) instead of the reference alone: is
+                      the limit the nuisance in one photo's conditioning embedding? (added after unet6000)
 
 Every record also carries the instruments' ceiling through the VAE (``render_ceiling(..., vae=...)``), the
 limit any generator decoded by this VAE has. Exploratory, after the capacity results: no check changes
@@ -46,6 +49,7 @@ CHECKS: dict[str, dict] = {
     "ddim_g2": {"scheduler": "ddim", "guidance": 2.0},
     "dpm_g2": {"scheduler": "dpm", "guidance": 2.0},
     "unet6000_as_is": {"base_unet_steps": 6000},
+    "photos4": {"conditioning_photos": 4},
 }
 HEADLINE = ("identity_similarity", "retrieval_top1", "context_accuracy", "coupling_rate")
 

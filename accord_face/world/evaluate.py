@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,9 @@ class WorldEvalConfig:
     first: int = field(2000, help="first identity evaluated: 2000 = the held-out split; below 2000 evaluates "
                                   "training people (a generalisation check, not zero-shot)")
     prompts_per_identity: int = field(2, help="prompts with other contexts per identity")
+    conditioning_photos: int = field(1, help="photos of each person the adapter is conditioned on: the reference "
+                                             "(the retrieval gallery's photo) plus n-1 others of that person, "
+                                             "embeddings averaged as `generate --photo A --photo B` does")
     scale: float = field(1.0, help="adapter scale of the adapter arm")
     steps: int = field(25, help="denoising steps")
     guidance: float = field(4.0, help="classifier-free guidance scale")
@@ -97,15 +101,19 @@ class EvalPlan:
     names: list[str]
     jobs: list[tuple]                         # (name, prompt index, context A, context B, noise seed)
     ref_b: dict                               # name -> recognizer-B embedding of the reference (or None)
+    extra: dict = dc_field(default_factory=dict)  # name -> more conditioning photos (folder-relative)
 
     @classmethod
     def make(cls, folder: Path, identities: int, prompts_per_identity: int, seed: int, scorer: WorldScorer,
-             first: int = HELD_OUT_START):
+             first: int = HELD_OUT_START, conditioning_photos: int = 1):
         from PIL import Image
 
-        from .photos import write_reference_photos
+        from .photos import write_extra_photos, write_reference_photos
 
+        if conditioning_photos < 1:
+            raise ValueError(f"conditioning_photos={conditioning_photos}: use 1 (the reference alone) or more")
         refs = write_reference_photos(folder, identities, seed=seed, first=first)
+        extra = write_extra_photos(folder, refs, conditioning_photos - 1, seed=seed) if conditioning_photos > 1 else {}
         names = list(refs)
         rng = np.random.default_rng(seed)
         jobs, ref_b = [], {}
@@ -114,10 +122,14 @@ class EvalPlan:
             a = Context(**refs[name]["context"])
             for p in range(prompts_per_identity):
                 jobs.append((name, p, a, other_context(a, rng), int(rng.integers(1 << 30))))
-        return cls(Path(folder), refs, names, jobs, ref_b)
+        return cls(Path(folder), refs, names, jobs, ref_b, extra)
 
     def photo(self, name: str) -> Path:
         return self.folder / self.refs[name]["file"]
+
+    def conditioning(self, name: str) -> list[Path]:
+        """The photos ``name``'s generations are conditioned on: the reference first, then the extra ones."""
+        return [self.photo(name)] + [self.folder / f for f in self.extra.get(name, [])]
 
 
 def generate_records(gen, plan: EvalPlan, scorer: WorldScorer, arms: dict[str, float], out: Path, *, steps: int,
@@ -132,7 +144,7 @@ def generate_records(gen, plan: EvalPlan, scorer: WorldScorer, arms: dict[str, f
     from .judge import predict
 
     cond = make_face_analyzer(gen.adapter_cfg)
-    inputs = {n: photo_inputs(gen.adapter_cfg, cond, [plan.photo(n)], gen.family.clip_size) for n in plan.names}
+    inputs = {n: photo_inputs(gen.adapter_cfg, cond, plan.conditioning(n), gen.family.clip_size) for n in plan.names}
     ref_names = [n for n in plan.names if plan.ref_b[n] is not None]
     ref_mat = np.stack([plan.ref_b[n] for n in ref_names])                              # (R, D)
     records = []
@@ -247,7 +259,7 @@ def run_world_eval(cfg: WorldEvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     scorer = WorldScorer()
     plan = EvalPlan.make(out / "references", cfg.identities, cfg.prompts_per_identity, cfg.seed, scorer,
-                         first=cfg.first)
+                         first=cfg.first, conditioning_photos=cfg.conditioning_photos)
     gen = FaceIDGenerator(cfg.adapter, cfg.pretrained or None, "cpu")
     if cfg.scheduler:
         import diffusers

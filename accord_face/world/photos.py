@@ -79,3 +79,23 @@ def write_reference_photos(folder: str | os.PathLike, n_identities: int, seed: i
     _write_lines(folder / "references.json", [json.dumps(refs, indent=1)])
     _write_lines(folder / "metadata.jsonl", lines)  # captions, for shards of the references
     return refs
+
+
+def write_extra_photos(folder: str | os.PathLike, refs: dict[str, dict], per_identity: int,
+                       seed: int = 0) -> dict[str, list[str]]:
+    """``per_identity`` more photos of each reference's person (own random contexts and photo seeds, never
+    the reference's): {name: [file, ...]} relative to ``folder``, written under ``folder/extra/``.
+
+    For conditioning on several photos of one person, as ``accord-face generate --photo`` repeated does."""
+    folder = Path(folder)
+    (folder / "extra").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(20_000 + seed)
+    out: dict[str, list[str]] = {}
+    for name, ref in refs.items():
+        files = []
+        for k in range(per_identity):
+            rel = f"extra/{name}_{k}.png"
+            _save_png(render(int(ref["identity"]), random_context(rng), 70_000 + 97 * seed + k).image, folder / rel)
+            files.append(rel)
+        out[name] = files
+    return out

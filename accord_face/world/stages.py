@@ -47,7 +47,7 @@ def run_unet(cfg: WorldConfig) -> dict:
     key = stage_config(cfg, "unet")
     key["unet"] = {k: v for k, v in key["unet"].items() if k not in ("steps", "checkpoint_every")}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    init = committed_unet(cfg, text.config.hidden_size) if cfg.unet.continue_from == "assets" else None
+    init = committed_unet(cfg, text.config.hidden_size) if cfg.unet.continue_from else None
     unet = train_unet(cfg.unet, pool, vae, text, tok, cache_root(cfg) / f"unet_work-{digest}", init=init)
     tmp = stage_tmp(cfg, "unet")
     unet.save_pretrained(tmp, safe_serialization=True)
@@ -56,28 +56,29 @@ def run_unet(cfg: WorldConfig) -> dict:
 
 
 def committed_unet(cfg: WorldConfig, cross_attention_dim: int) -> tuple[dict, int]:
-    """(fp32 state dict, step count) of the committed UNet, for ``unet.continue_from=assets``; a ConfigError
-    unless it was trained on this config's photos, text tower and latents with this architecture, for
-    fewer steps than ``unet.steps``."""
+    """(fp32 state dict, step count) of the UNet ``unet.continue_from`` names (``assets``: the committed one;
+    else a world assets folder); a ConfigError unless it was trained on this config's photos, text tower and
+    latents with this architecture, for fewer steps than ``unet.steps``."""
     from ..config import ConfigError
     from .assemble import _load_fp32, assets_dir, read_record
     from .unet import build_unet
 
-    theirs = record_config(read_record())
+    src = assets_dir() if cfg.unet.continue_from == "assets" else Path(cfg.unet.continue_from)
+    theirs = record_config(read_record(src))
     rec, mine = theirs.model_fields(), cfg.model_fields()
     arch = ("channels", "heads")
     for section in ("pool", "clip", "vae"):
         if rec[section] != mine[section]:
-            raise ConfigError(f"unet.continue_from=assets: the committed UNet was trained with another "
-                              f"{section} config ({assets_dir() / 'world.json'}); drop the {section}.* overrides")
+            raise ConfigError(f"unet.continue_from={cfg.unet.continue_from}: the UNet there was trained with another "
+                              f"{section} config ({src / 'world.json'}); drop the {section}.* overrides")
     if any(rec["unet"][k] != mine["unet"][k] for k in arch):
-        raise ConfigError("unet.continue_from=assets: unet.channels / unet.heads differ from the committed UNet's "
+        raise ConfigError(f"unet.continue_from={cfg.unet.continue_from}: unet.channels / unet.heads differ from its UNet's "
                           f"({rec['unet']['channels']}, {rec['unet']['heads']}); drop those overrides")
     done = int(rec["unet"]["steps"])
     if cfg.unet.steps <= done:
-        raise ConfigError(f"unet.continue_from=assets: unet.steps={cfg.unet.steps} must exceed the committed "
-                          f"UNet's {done} steps")
-    unet = _load_fp32(build_unet(theirs.unet, cross_attention_dim), assets_dir() / "unet.safetensors")
+        raise ConfigError(f"unet.continue_from={cfg.unet.continue_from}: unet.steps={cfg.unet.steps} must exceed "
+                          f"the {'committed ' if cfg.unet.continue_from == 'assets' else ''}UNet's {done} steps")
+    unet = _load_fp32(build_unet(theirs.unet, cross_attention_dim), src / "unet.safetensors")
     return unet.state_dict(), done
 
 
