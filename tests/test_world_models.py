@@ -184,6 +184,35 @@ def test_conditioning_photos_are_other_photos_of_the_same_person(world_dir, tmp_
         EvalPlan.make(tmp_path / "refs0", 2, 1, 0, scorer, conditioning_photos=0)
 
 
+def test_recognizer_agreement_finds_the_people_in_their_own_photos_and_not_in_swapped_ones(world_dir, tmp_path):
+    """An evaluation folder whose 'adapter' images are new photos of each reference's person and whose 'base'
+    images are photos of the next person: both recognizers retrieve the first and miss the second."""
+    from PIL import Image
+
+    from accord_face.world.diagnosis import recognizer_agreement
+    from accord_face.world.render import random_context, render
+
+    rng = np.random.default_rng(0)
+    people = list(range(2000, 2008))
+    (tmp_path / "references").mkdir()
+    lines = []
+    for k, i in enumerate(people):
+        Image.fromarray(render(i, random_context(rng), 1).image).save(tmp_path / "references" / f"h{i:04d}.png")
+        for arm, who in (("adapter", i), ("base", people[(k + 1) % len(people)])):
+            rel = f"images/{arm}/h{i:04d}_p0.png"
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(render(who, random_context(rng), 2).image).save(tmp_path / rel)
+            lines.append(json.dumps({"arm": arm, "identity": f"h{i:04d}", "image": rel}))
+    (tmp_path / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    res = recognizer_agreement(tmp_path, clean_per_identity=1)
+    assert res["identities"] == 8
+    for k in ("a", "b"):
+        assert res["adapter"][k]["retrieval_top1"]["mean"] >= 0.6, (k, res["adapter"][k])
+        assert res["base"][k]["retrieval_top1"]["mean"] <= 0.25, (k, res["base"][k])
+        assert res["clean_renders"][k]["retrieval_top1"]["mean"] >= 0.6
+        assert res["adapter"][k]["identity_similarity"]["mean"] > res["base"][k]["identity_similarity"]["mean"] + 0.2
+
+
 def test_vae_ceiling_keeps_people_through_the_world_vae_and_loses_them_through_a_broken_one(world_dir, tmp_path):
     """The ceiling through the VAE (renders -> decode(mode(encode(x)))) keeps identity with the world's VAE;
     the same VAE with its decoder's output convolution zeroed returns a flat image and finds nobody."""

@@ -61,11 +61,21 @@ class DiagnosisConfig:
     archive: str = field("docs/world/diagnosis", help="committed copy of each check's metrics.json and the summary")
     reference: str = field("docs/world/capacity/constant.json", help="the adapter's record at the default settings")
     threads: int = field(1, help="torch threads of the evaluations")
+    agreement: list[str] = field(default_factory=list,
+                                 help="capacity arms whose evaluation (<capacity out>/<arm>/eval) is re-scored with "
+                                      "both recognizers (``recognizer_agreement``), archived as agreement-<arm>.json")
+    capacity_out: str = field("testbed_out/world_capacity", help="the capacity arms' working folder")
 
     def validate(self) -> None:
         unknown = [c for c in self.checks if c not in CHECKS]
         if unknown:
             raise ValueError(f"checks: unknown {unknown}; choose from {list(CHECKS)}")
+        archive = REPO / self.archive
+        for arm in self.agreement:
+            samples = Path(self.capacity_out) / arm / "eval" / "samples.jsonl"
+            if not (archive / f"agreement-{arm}.json").is_file() and not samples.is_file():
+                raise ValueError(f"agreement: {samples} is missing; run the capacity arm {arm!r} first "
+                                 f"(python scripts/run_world_capacity.py arms=[{arm}])")
 
 
 def the_adapter() -> Path:
@@ -113,6 +123,57 @@ def row(m: dict, reference: dict | None) -> dict:
     return out
 
 
+def recognizer_agreement(folder: str | Path, clean_per_identity: int = 2, seed: int = 5) -> dict:
+    """Every generated image of one evaluation (``folder``: a ``run_world_eval`` output) scored by BOTH
+    recognizers against the same references, per arm; and ``clean_per_identity`` clean renders of each
+    person in new random contexts (a perfect generator), by both.
+
+        retrieval_top1[k] = mean_i [ argmax_j <e_k(image_i), e_k(ref_j)> = person(i) ],  k in {a, b}
+
+    Recognizer a conditions the adapter, b is the evaluation's. If the adapter carried what a encodes, a
+    would find the people at least as often as b; a falling far below its own clean-render ceiling says the
+    generated faces lack the features a identifies people by."""
+    from PIL import Image
+
+    from .assemble import ensure_world_pipeline
+    from .backend import WorldAnalyzer
+    from .render import random_context, render
+
+    folder = Path(folder)
+    recs = [json.loads(x) for x in (folder / "samples.jsonl").read_text().splitlines() if x.strip()]
+    names = sorted({r["identity"] for r in recs})
+    world = ensure_world_pipeline()
+    out: dict = {"folder": str(folder), "identities": len(names), "chance_top1": 1 / len(names)}
+    rng = np.random.default_rng(seed)
+    clean = {n: [render(int(n[1:]), random_context(rng), 90_000 + k).image for k in range(clean_per_identity)]
+             for n in names}
+    for k in ("a", "b"):
+        rec = WorldAnalyzer(world / "face_models", k)
+
+        def emb(rgb):
+            f = rec.analyze(np.asarray(rgb), max_faces=1)
+            return f[0].embedding if f else None
+        gallery = {n: emb(Image.open(folder / "references" / f"{n}.png").convert("RGB")) for n in names}
+        names_k = [n for n in names if gallery[n] is not None]
+        G = np.stack([gallery[n] for n in names_k])
+
+        def score(pairs):  # [(person, rgb)] -> per-person retrieval and similarity
+            hit: dict = {}
+            sim: dict = {}
+            for n, rgb in pairs:
+                e = emb(rgb)
+                hit.setdefault(n, []).append(e is not None and names_k[int(np.argmax(G @ e))] == n)
+                if e is not None and gallery[n] is not None:
+                    sim.setdefault(n, []).append(float(e @ gallery[n]))
+            return {"retrieval_top1": mean_ci([float(np.mean(v)) for v in hit.values()]),
+                    "identity_similarity": mean_ci([float(np.mean(v)) for v in sim.values()])}
+        for arm in sorted({r["arm"] for r in recs}):
+            pairs = [(r["identity"], Image.open(folder / r["image"]).convert("RGB")) for r in recs if r["arm"] == arm]
+            out.setdefault(arm, {})[k] = score(pairs)
+        out.setdefault("clean_renders", {})[k] = score([(n, im) for n in names for im in clean[n]])
+    return out
+
+
 def run_diagnosis(cfg: DiagnosisConfig) -> dict:
     from ..pipeline import atomic_write_text
 
@@ -130,5 +191,16 @@ def run_diagnosis(cfg: DiagnosisConfig) -> dict:
     s = {"reference": {"file": cfg.reference, **row(reference, None)},
          "checks": {c: {"change": CHECKS[c], **row(records[c], reference)} for c in CHECKS if c in records},
          "pending": [c for c in cfg.checks if c not in records]}
+    for arm in cfg.agreement:
+        path = archive / f"agreement-{arm}.json"
+        if not path.is_file():
+            res = recognizer_agreement(Path(cfg.capacity_out) / arm / "eval")
+            atomic_write_text(path, json.dumps(res, indent=1) + "\n")
+    s["agreement"] = {}
+    for path in sorted(archive.glob("agreement-*.json")):
+        a = json.loads(path.read_text())
+        s["agreement"][path.stem.removeprefix("agreement-")] = {
+            part: {k: {m: round(a[part][k][m]["mean"], 3) for m in ("retrieval_top1", "identity_similarity")}
+                   for k in ("a", "b")} for part in a if isinstance(a[part], dict) and "a" in a[part]}
     atomic_write_text(archive / "summary.json", json.dumps(s, indent=1) + "\n")
     return s
