@@ -29,6 +29,9 @@ noise as every milestone (``evaluate.run_world_eval``):
                     ``photos4`` (the mean embedding of 4 photos changes nothing), on a look at the grids:
                     hair and skin carry over, the face's inner features (eyes, brows, nose, mouth) come out
                     blurred in every arm, the no-adapter draw too
+    unet12000_idloss0.1  both levers that pointed up, together: the 12,000-step base and lambda_id 0.1
+                    (the dose calibrated for idloss0.1, not recalibrated). Defined with unet12000, before
+                    either ran; it runs after it, on the same base
 
 Protocol, fixed before any arm ran: the unit is the held-out person (50); each arm's figures are
 means with 95 % intervals over them, and paired per-person differences to ``constant`` (same people,
@@ -75,6 +78,8 @@ BASE_ARMS: dict[str, int] = {"unet6000": 6000, "unet12000": 12000}
 CONTINUES: dict[int, int] = {12000: 6000}
 ARMS.update({arm: [] for arm in BASE_ARMS})
 ARMS["idloss0.1"] = ["losses.lambda_id=0.1"]     # added after unet6000 (module docstring)
+BASE_ARMS["unet12000_idloss0.1"] = 12000         # added with unet12000, before either ran (module docstring)
+ARMS["unet12000_idloss0.1"] = ["losses.lambda_id=0.1"]
 CONTROL = "constant"
 PAIRED = ("identity_similarity", "retrieval_top1", "context_accuracy", "coupling_rate", "clip_t")
 
