@@ -156,7 +156,6 @@ def test_conditioning_photos_are_other_photos_of_the_same_person(world_dir, tmp_
     """``conditioning_photos=3``: the reference first, then 2 new photos of that person (not copies of the
     reference); the independent recognizer finds each extra photo's own person among the references more
     often than chance; 0 photos is refused."""
-    import numpy as np
     from PIL import Image
 
     from accord_face.world.evaluate import EvalPlan, WorldScorer
