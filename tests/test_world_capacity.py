@@ -149,3 +149,24 @@ def test_the_12000_step_base_continues_the_6000_step_one_which_continues_the_com
     assert calls == [(6000, "assets"), (12000, str(root / "assets-unet6000"))]
     capacity.longer_base(cfg, 12000)
     assert len(calls) == 2
+
+
+def test_the_length_run_archives_its_resume_checkpoint_only_under_the_size_cap(tmp_path):
+    """``archive_resume_point`` gzips the checkpoint and run config for a new checkout to continue from, and
+    skips a checkpoint over ``max_mb`` (too large to commit) instead of archiving it."""
+    from accord_face import archive as arch
+    from accord_face.world.length import RESUME, archive_resume_point
+
+    out = tmp_path / "run"
+    ck = out / "train" / "checkpoints" / "step-00000200"
+    ck.mkdir(parents=True)
+    (ck / "COMPLETE").write_text("{}")
+    (ck / "optim_states.pt").write_bytes(np.random.default_rng(0).bytes(600_000))   # ~0.57 MB
+    (out / "train" / "config.yaml").write_text("max_steps: 200\n")
+    assert archive_resume_point(out, tmp_path / "big", 200, max_mb=0.5) == 0
+    assert not (tmp_path / "big" / RESUME).exists()
+    assert archive_resume_point(out, tmp_path / "ok", 200, max_mb=1.0) == 3
+    back = tmp_path / "fresh"
+    assert arch.restore(back, tmp_path / "ok" / RESUME) == 3
+    assert (back / "train" / "checkpoints" / "step-00000200" / "optim_states.pt").read_bytes() == \
+        (ck / "optim_states.pt").read_bytes()

@@ -51,6 +51,8 @@ class LengthConfig:
     port: int = field(29890, help="rendezvous port of the deepspeed launcher")
     stop_at: str = field("", help="'HH:MM' UTC: start no milestone that the last segment's pace says ends later")
     overrides: list[str] = field(default_factory=list, help="extra trainer key=value overrides (enter the run's name)")
+    resume_archive_mb: float = field(8.0, help="archive the latest checkpoint (so a new checkout continues the run) "
+                                               "only while it is at most this many MB; 0: never")
 
     def validate(self) -> None:
         m = self.milestones
@@ -74,14 +76,21 @@ def ensure_shards(cfg: LengthConfig, out: Path) -> Path:
 RESUME = "resume"   # archive subfolder: the latest milestone's checkpoint, so a new checkout continues the run
 
 
-def archive_resume_point(out: Path, archive: Path, steps: int) -> int:
+def archive_resume_point(out: Path, archive: Path, steps: int, max_mb: float = 8.0) -> int:
     """Gzip the checkpoint the run ended at (``steps``) and its run config into ``archive/resume``, replacing
-    an earlier milestone's (4.5 MB for configs/faces.yaml: adapter weights and Adam state, weights-only)."""
+    an earlier milestone's (4.5 MB for configs/faces.yaml: adapter weights and Adam state, weights-only).
+    A checkpoint over ``max_mb`` is not archived (a 16-token, 1,024-wide adapter's is 27 MB: too large to
+    commit); the run then resumes only where its working folder is kept."""
     from .. import archive as arch
 
     ck = out / "train" / "checkpoints" / f"step-{steps:08d}"
     if not (ck / "COMPLETE").is_file():
         log.warning("no complete checkpoint at %s: a later checkout will retrain up to milestone %d", ck, steps)
+        return 0
+    size_mb = sum(p.stat().st_size for p in ck.iterdir() if p.is_file()) / 2**20
+    if size_mb > max_mb:
+        log.warning("checkpoint %s is %.1f MB > resume_archive_mb=%g: not archived; keep %s to continue the run",
+                    ck, size_mb, max_mb, out)
         return 0
     dest = archive / RESUME
     for old in (dest / "train" / "checkpoints").glob("step-*"):
@@ -216,7 +225,7 @@ def run_length(cfg: LengthConfig) -> dict:
         if archive is not None:
             archive.mkdir(parents=True, exist_ok=True)
             atomic_write_text(archive / f"steps-{steps}.json", json.dumps(metrics, indent=1) + "\n")
-            archive_resume_point(out, archive, steps)
+            archive_resume_point(out, archive, steps, cfg.resume_archive_mb)
         log.info("milestone %d: identity similarity %.3f, retrieval top-1 %.3f", steps,
                  metrics["arms"]["adapter"]["identity_similarity"]["mean"],
                  metrics["arms"]["adapter"]["retrieval_top1"]["mean"])
