@@ -3,6 +3,7 @@
 The capacity control's adapter evaluated under one change at a time (training people, guidance, denoising
 steps, sampler, a longer-trained base UNet), each check archived in docs/world/diagnosis/ with a summary
 (accord_face/world/diagnosis.py). Resumable: archived checks are the record. Example: ``checks=[guidance2]``.
+``lora_oracle=10`` adds the per-person LoRA oracle on the first 10 held-out people (accord_face/world/oracle.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def main() -> None:
     s = run_diagnosis(cfg)
     print(json.dumps({c: {k: round(r[k]["mean"], 3) for k in ("identity_similarity", "retrieval_top1")}
                       for c, r in s["checks"].items()}, indent=1))
+    if "lora_oracle" in s:
+        o = s["lora_oracle"]
+        print(json.dumps({"lora_oracle": {"people": o["people"], **{k: round(o[k]["mean"], 3) for k in
+                                                                    ("identity_similarity", "retrieval_top1")}}}))
     if s["pending"]:
         print(f"pending checks: {s['pending']} (rerun the same command to continue)")
 

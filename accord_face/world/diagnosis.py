@@ -19,6 +19,10 @@ and noise, so per-person differences are paired):
                       others, as ``generate --photo`` repeated does) instead of the reference alone: is
                       the limit the nuisance in one photo's conditioning embedding? (added after unet6000)
 
+Not a change of the evaluation: ``lora_oracle=N`` (``oracle.py``) trains a subject LoRA per person on the first N
+held-out people and evaluates it on the same jobs: can the generator draw a specific person at all once trained
+on them? Archived as ``lora_oracle.json`` (+ ``lora_oracle.png``), a row ``lora_oracle`` of the summary.
+
 Every record also carries the instruments' ceiling through the VAE (``render_ceiling(..., vae=...)``), the
 limit any generator decoded by this VAE has. Exploratory, after the capacity results: no check changes
 the protocol's figures; each is archived as ``docs/world/diagnosis/<check>.json`` and never rerun.
@@ -35,6 +39,7 @@ import numpy as np
 
 from ..config import field
 from .evaluate import mean_ci
+from .oracle import OracleRecipe
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -65,12 +70,17 @@ class DiagnosisConfig:
                                  help="capacity arms whose evaluation (<capacity out>/<arm>/eval) is re-scored with "
                                       "both recognizers (``recognizer_agreement``), archived as agreement-<arm>.json")
     capacity_out: str = field("testbed_out/world_capacity", help="the capacity arms' working folder")
+    lora_oracle: int = field(0, help="people of the lora_oracle check (the first N held-out people; 0 = not run; "
+                                     "each person cached under <out>/lora_oracle/<person>/)")
+    oracle: OracleRecipe = field(default_factory=OracleRecipe, help="the lora_oracle check's LoRA recipe")
 
     def validate(self) -> None:
         unknown = [c for c in self.checks if c not in CHECKS]
         if unknown:
             raise ValueError(f"checks: unknown {unknown}; choose from {list(CHECKS)}")
         archive = REPO / self.archive
+        if not 0 <= self.lora_oracle <= 50:
+            raise ValueError(f"lora_oracle={self.lora_oracle}: 0 (off) to 50 (the evaluation's held-out people)")
         for arm in self.agreement:
             samples = Path(self.capacity_out) / arm / "eval" / "samples.jsonl"
             if not (archive / f"agreement-{arm}.json").is_file() and not samples.is_file():
@@ -202,5 +212,37 @@ def run_diagnosis(cfg: DiagnosisConfig) -> dict:
         s["agreement"][path.stem.removeprefix("agreement-")] = {
             part: {k: {m: round(a[part][k][m]["mean"], 3) for m in ("retrieval_top1", "identity_similarity")}
                    for k in ("a", "b")} for part in a if isinstance(a[part], dict) and "a" in a[part]}
+    oracle = oracle_record(cfg, archive, reference)
+    if oracle is not None:
+        s["lora_oracle"] = oracle_row(oracle)
     atomic_write_text(archive / "summary.json", json.dumps(s, indent=1) + "\n")
     return s
+
+
+def oracle_record(cfg: DiagnosisConfig, archive: Path, reference: dict) -> dict | None:
+    """The lora_oracle archive: run (or continued from the per-person caches) when ``cfg.lora_oracle`` asks for
+    more people than it holds or another recipe; else as archived (None when there is none)."""
+    from dataclasses import asdict
+
+    from .oracle import run_oracle
+
+    path = archive / "lora_oracle.json"
+    have = json.loads(path.read_text()) if path.is_file() else None
+    if cfg.lora_oracle and (have is None or have.get("people", 0) < cfg.lora_oracle
+                            or have["recipe"] != asdict(cfg.oracle)):
+        log.info("check lora_oracle: %d people, recipe %s", cfg.lora_oracle, asdict(cfg.oracle))
+        have = run_oracle(Path(cfg.out) / "lora_oracle", cfg.lora_oracle, cfg.oracle, reference, archive,
+                          threads=cfg.threads)
+    return have
+
+
+def oracle_row(o: dict) -> dict:
+    """The summary's lora_oracle row: means [95 % interval], the same people's adapter and ceiling, pairs."""
+    keys = ("identity_similarity", "retrieval_top1", "context_accuracy")
+    mc = lambda d: {"mean": d["mean"], "ci95": d["ci95"]}   # noqa: E731
+    return {"people": o["people"], "recipe": o["recipe"],
+            **{k: mc(o["oracle"][k]) for k in keys},
+            "adapter_same_people": {k: mc(v) for k, v in o.get("adapter_same_people", {}).items()},
+            "ceiling_retrieval_top1_same_people": o.get("render_ceiling_same_people", {}).get(
+                "retrieval_top1", {}).get("mean"),
+            "paired_vs_reference": {k: mc(v) for k, v in o.get("paired_oracle_minus_adapter", {}).items()}}

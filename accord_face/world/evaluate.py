@@ -127,6 +127,11 @@ class EvalPlan:
     def photo(self, name: str) -> Path:
         return self.folder / self.refs[name]["file"]
 
+    def gallery(self) -> tuple[list[str], np.ndarray]:
+        """The retrieval gallery: names with a recognizer-B reference embedding, and those embeddings (R, D)."""
+        names = [n for n in self.names if self.ref_b[n] is not None]
+        return names, np.stack([self.ref_b[n] for n in names])
+
     def conditioning(self, name: str) -> list[Path]:
         """The photos ``name``'s generations are conditioned on: the reference first, then the extra ones."""
         return [self.photo(name)] + [self.folder / f for f in self.extra.get(name, [])]
@@ -141,12 +146,10 @@ def generate_records(gen, plan: EvalPlan, scorer: WorldScorer, arms: dict[str, f
     with an identity LoRA has it on in every arm of scale > 0 and off at scale 0 (the base model)."""
     from ..family.generation import photo_inputs
     from ..pipeline import make_face_analyzer
-    from .judge import predict
 
     cond = make_face_analyzer(gen.adapter_cfg)
     inputs = {n: photo_inputs(gen.adapter_cfg, cond, plan.conditioning(n), gen.family.clip_size) for n in plan.names}
-    ref_names = [n for n in plan.names if plan.ref_b[n] is not None]
-    ref_mat = np.stack([plan.ref_b[n] for n in ref_names])                              # (R, D)
+    gallery = plan.gallery()
     records = []
     with tqdm(total=len(plan.jobs) * len(arms), desc="world eval", disable=not progress, mininterval=5) as bar:
         for arm, scale in arms.items():
@@ -159,36 +162,46 @@ def generate_records(gen, plan: EvalPlan, scorer: WorldScorer, arms: dict[str, f
                     prompts = [caption(b) for _, _, _, b, _ in chunk]
                     images = gen.generate_pairs(inputs[name]["embedding"], prompts, [s for *_, s in chunk],
                                                 scale=scale, steps=steps, guidance=guidance)
-                    arr = np.stack([np.asarray(im.convert("RGB")) for im in images])
-                    probs = predict(scorer.judge, arr)
-                    clip_t = scorer.clip.score(images, prompts)
-                    for i, ((_, p, a, b, seed), im) in enumerate(zip(chunk, images)):
-                        rel = f"images/{arm}/{name}_p{p}.png"
-                        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                        im.save(out / rel)
-                        emb = scorer.embed(arr[i])
-                        sim = float(emb @ plan.ref_b[name]) if emb is not None and plan.ref_b[name] is not None \
-                            else None
-                        top1 = (ref_names[int(np.argmax(ref_mat @ emb))] == name) if emb is not None else False
-                        want, had = encode_context(b), encode_context(a)
-                        seen = np.array([int(probs[f][i].argmax()) for f in CONTEXT_FIELDS])
-                        differs = want != had
-                        records.append({
-                            "arm": arm, "scale": scale, "identity": name, "prompt_index": p, "prompt": prompts[i],
-                            "image": rel, "reference_context": a.attributes(), "face_found": emb is not None,
-                            "identity_similarity": sim, "retrieval_top1": bool(top1),
-                            "context_correct": {f: bool(seen[j] == want[j]) for j, f in enumerate(CONTEXT_FIELDS)},
-                            "all_context_correct": bool((seen == want).all()),
-                            "coupled": {f: bool(seen[j] == had[j]) for j, f in enumerate(CONTEXT_FIELDS)
-                                        if differs[j]},
-                            # continuous judge scores (probabilities), next to the thresholded rates
-                            "p_asked": float(np.mean([probs[f][i][want[j]] for j, f in enumerate(CONTEXT_FIELDS)])),
-                            "p_coupled": float(np.mean([probs[f][i][had[j]] for j, f in enumerate(CONTEXT_FIELDS)
-                                                        if differs[j]])) if differs.any() else None,
-                            "clip_t": float(clip_t[i]),
-                            "embedding_b": None if emb is None else [round(float(x), 5) for x in emb],
-                        })
-                        bar.update(1)
+                    records += score_images(plan, scorer, gallery, chunk, images, prompts, arm, scale, out)
+                    bar.update(len(chunk))
+    return records
+
+
+def score_images(plan: EvalPlan, scorer: WorldScorer, gallery: tuple, chunk: list[tuple], images: list,
+                 prompts: list[str], arm: str, scale: float, out: Path) -> list[dict]:
+    """One record per generated image of ``chunk`` (jobs of ``plan``), saved as ``out/images/<arm>/``: identity
+    (recognizer B against ``gallery`` = ``plan.gallery()``), the judge's context, CLIP-T against ``prompts``."""
+    from .judge import predict
+
+    ref_names, ref_mat = gallery
+    arr = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    probs = predict(scorer.judge, arr)
+    clip_t = scorer.clip.score(images, prompts)
+    records = []
+    for i, ((name, p, a, b, seed), im) in enumerate(zip(chunk, images)):
+        rel = f"images/{arm}/{name}_p{p}.png"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        im.save(out / rel)
+        emb = scorer.embed(arr[i])
+        sim = float(emb @ plan.ref_b[name]) if emb is not None and plan.ref_b[name] is not None else None
+        top1 = (ref_names[int(np.argmax(ref_mat @ emb))] == name) if emb is not None else False
+        want, had = encode_context(b), encode_context(a)
+        seen = np.array([int(probs[f][i].argmax()) for f in CONTEXT_FIELDS])
+        differs = want != had
+        records.append({
+            "arm": arm, "scale": scale, "identity": name, "prompt_index": p, "prompt": prompts[i],
+            "image": rel, "reference_context": a.attributes(), "face_found": emb is not None,
+            "identity_similarity": sim, "retrieval_top1": bool(top1),
+            "context_correct": {f: bool(seen[j] == want[j]) for j, f in enumerate(CONTEXT_FIELDS)},
+            "all_context_correct": bool((seen == want).all()),
+            "coupled": {f: bool(seen[j] == had[j]) for j, f in enumerate(CONTEXT_FIELDS) if differs[j]},
+            # continuous judge scores (probabilities), next to the thresholded rates
+            "p_asked": float(np.mean([probs[f][i][want[j]] for j, f in enumerate(CONTEXT_FIELDS)])),
+            "p_coupled": float(np.mean([probs[f][i][had[j]] for j, f in enumerate(CONTEXT_FIELDS)
+                                        if differs[j]])) if differs.any() else None,
+            "clip_t": float(clip_t[i]),
+            "embedding_b": None if emb is None else [round(float(x), 5) for x in emb],
+        })
     return records
 
 
