@@ -170,3 +170,22 @@ def test_the_length_run_archives_its_resume_checkpoint_only_under_the_size_cap(t
     assert arch.restore(back, tmp_path / "ok" / RESUME) == 3
     assert (back / "train" / "checkpoints" / "step-00000200" / "optim_states.pt").read_bytes() == \
         (ck / "optim_states.pt").read_bytes()
+
+
+def test_the_wide_recipe_is_faces_yaml_with_only_the_adapter_size_and_length_changed():
+    """configs/faces_wide.yaml is the measured arm ``wide16``: faces.yaml's every field but the adapter's token
+    count, projection width and training length (so its figures compare with faces.yaml's per person)."""
+    from pathlib import Path
+
+    from accord_face.config import load_config, to_dict
+    from accord_face.train.config import TrainConfig
+
+    root = Path(__file__).resolve().parents[1]
+    base = to_dict(load_config(TrainConfig, str(root / "configs" / "faces.yaml"), []))
+    wide_cfg = load_config(TrainConfig, str(root / "configs" / "faces_wide.yaml"), [])
+    wide_cfg.validate()
+    wide = to_dict(wide_cfg)
+    assert (wide["encoder"]["num_tokens"], wide["encoder"]["hidden_dim"], wide["max_steps"]) == (16, 1024, 16000)
+    for d in (base, wide):
+        d["encoder"].pop("num_tokens"), d["encoder"].pop("hidden_dim"), d.pop("max_steps")
+    assert wide == base
