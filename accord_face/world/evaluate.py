@@ -294,6 +294,18 @@ def run_world_eval(cfg: WorldEvalConfig) -> dict:
     return metrics
 
 
+# One image record's value of each metric (None: not defined for that image); per person, the mean over images.
+RECORD_METRICS = {
+    "identity_similarity": lambda r: r["identity_similarity"],
+    "retrieval_top1": lambda r: float(r["retrieval_top1"]),
+    "context_accuracy": lambda r: float(np.mean(list(r["context_correct"].values()))),
+    "all_context_correct": lambda r: float(r["all_context_correct"]),
+    "coupling_rate": lambda r: float(np.mean(list(r["coupled"].values()))) if r["coupled"] else None,
+    "clip_t": lambda r: r["clip_t"],
+    "face_found": lambda r: float(r["face_found"]),
+}
+
+
 def _per_identity(records, names, key):
     vals = []
     for n in names:
@@ -309,16 +321,7 @@ def summarize(records: list[dict], names: list[str], cfg: WorldEvalConfig) -> di
     per: dict = {}
     for arm in arms:
         rs = [r for r in records if r["arm"] == arm]
-        per[arm] = {
-            "identity_similarity": _per_identity(rs, names, lambda r: r["identity_similarity"]),
-            "retrieval_top1": _per_identity(rs, names, lambda r: float(r["retrieval_top1"])),
-            "context_accuracy": _per_identity(rs, names, lambda r: float(np.mean(list(r["context_correct"].values())))),
-            "all_context_correct": _per_identity(rs, names, lambda r: float(r["all_context_correct"])),
-            "coupling_rate": _per_identity(rs, names, lambda r: float(np.mean(list(r["coupled"].values())))
-                                           if r["coupled"] else None),
-            "clip_t": _per_identity(rs, names, lambda r: r["clip_t"]),
-            "face_found": _per_identity(rs, names, lambda r: float(r["face_found"])),
-        }
+        per[arm] = {k: _per_identity(rs, names, f) for k, f in RECORD_METRICS.items()}
         out["arms"][arm] = {k: mean_ci(v) for k, v in per[arm].items()}
         out["arms"][arm]["per_identity"] = {k: [round(x, 5) for x in v] for k, v in per[arm].items()}
         out["arms"][arm]["context_accuracy_by_field"] = {

@@ -179,14 +179,11 @@ def run_person(plan, scorer, name: str, folder: Path, world: Path, recipe: Oracl
 
 
 def person_values(records: list[dict]) -> dict:
-    """One person's means over their generations (the evaluation's per-identity unit)."""
-    sims = [r["identity_similarity"] for r in records if r["identity_similarity"] is not None]
-    return {"identity_similarity": float(np.mean(sims)) if sims else float("nan"),
-            "retrieval_top1": float(np.mean([r["retrieval_top1"] for r in records])),
-            "context_accuracy": float(np.mean([np.mean(list(r["context_correct"].values())) for r in records])),
-            "all_context_correct": float(np.mean([r["all_context_correct"] for r in records])),
-            "clip_t": float(np.mean([r["clip_t"] for r in records])),
-            "face_found": float(np.mean([r["face_found"] for r in records]))}
+    """One person's means over their generations (the evaluation's per-identity unit, ``RECORD_METRICS``)."""
+    from .evaluate import RECORD_METRICS, _per_identity
+
+    name = records[0]["identity"]
+    return {k: _per_identity(records, [name], f)[0] for k, f in RECORD_METRICS.items()}
 
 
 KEYS = ("identity_similarity", "retrieval_top1", "context_accuracy")
