@@ -37,8 +37,10 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -194,15 +196,39 @@ def world_env(threads: int) -> dict:
 
 
 def launch_train_encoder(config: str, shards: Path, output_dir: Path, steps: int, port: int, extra: list[str],
-                         log_path: Path, threads: int) -> None:
-    """``deepspeed --num_gpus 1 scripts/train_encoder.py --config CONFIG shards=... output_dir=... max_steps=N
-    EXTRA...``, output appended to ``log_path``; raises CalledProcessError when the trainer fails."""
+                         log_path: Path, threads: int, ranks: int = 1, deadline: float | None = None) -> bool:
+    """``deepspeed --num_gpus RANKS scripts/train_encoder.py --config CONFIG shards=... output_dir=... max_steps=N
+    EXTRA...`` (on CPU one process per rank, ``threads`` torch threads each), output appended to ``log_path``;
+    raises CalledProcessError when the trainer fails. At ``deadline`` (epoch seconds) the launcher gets SIGTERM,
+    which it passes on: the trainer checkpoints at the next step and leaves. Returns True when so stopped."""
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", "1", "--master_port", str(port), str(REPO / "scripts/train_encoder.py"),
+    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(port), str(REPO / "scripts/train_encoder.py"),
            "--config", str(REPO / config), f"shards={shards}", f"output_dir={output_dir}", f"max_steps={steps}",
            *extra]
+    return run_until(cmd, log_path, world_env(threads), deadline)
+
+
+def run_until(cmd: list[str], log_path: Path, env: dict, deadline: float | None = None, grace_s: float = 120.0
+              ) -> bool:
+    """Run ``cmd`` (output appended to ``log_path``); at ``deadline`` send it SIGTERM, and SIGKILL if it is still
+    there ``grace_s`` later. True: stopped at the deadline (its exit code is then the stop's, not a failure);
+    raises CalledProcessError when it fails on its own."""
+    stopped = False
     with open(log_path, "a") as logf:
-        subprocess.run(cmd, check=True, stdout=logf, stderr=subprocess.STDOUT, env=world_env(threads), cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        while True:
+            try:
+                rc = proc.wait(timeout=None if deadline is None else max(deadline - time.time(), 0.05))
+                break
+            except subprocess.TimeoutExpired:
+                if stopped:
+                    proc.kill()
+                else:
+                    proc.send_signal(signal.SIGTERM)
+                    stopped, deadline = True, time.time() + grace_s
+    if rc and not stopped:
+        raise subprocess.CalledProcessError(rc, cmd)
+    return stopped
 
 
 def train_run(cfg: ExperimentConfig, run_dir: Path, shards: Path, overrides: list[str], seed: int, port: int) -> Path:

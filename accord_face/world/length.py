@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .. import stop_at
 from ..config import field
 
@@ -47,10 +49,16 @@ class LengthConfig:
     photos_per_identity: int = field(4, help="photos per training person")
     identities: int = field(50, help="held-out people evaluated")
     eval_steps: int = field(25, help="denoising steps at evaluation")
-    threads: int = field(1, help="torch threads of the trainer and the evaluation")
+    threads: int = field(1, help="torch threads of the trainer (per rank) and the evaluation")
+    ranks: int = field(1, help="data-parallel trainer processes (CPU: one per core); the config's train_batch_size "
+                               "is split among them, so the global batch, and with it the recipe, is unchanged")
     port: int = field(29890, help="rendezvous port of the deepspeed launcher")
     stop_at: str = field("", help="'HH:MM' UTC: start no milestone that the last segment's pace says ends later")
     overrides: list[str] = field(default_factory=list, help="extra trainer key=value overrides (enter the run's name)")
+    compare: list[str] = field(default_factory=list, help="archives of other length runs (same people, prompts and "
+                                                           "noise): paired per person at the milestones both have")
+    pool_with: list[str] = field(default_factory=list, help="archives of other training seeds of this recipe: "
+                                                             "per-person mean over the seeds at shared milestones")
     resume_archive_mb: float = field(8.0, help="archive the latest checkpoint (so a new checkout continues the run) "
                                                "only while it is at most this many MB; 0: never")
 
@@ -59,6 +67,27 @@ class LengthConfig:
         if not m or any(b <= a for a, b in zip(m, m[1:])) or m[0] < 1:
             raise ValueError(f"milestones must be positive and increasing, got {m}")
         stop_at.validate(self.stop_at)
+        rank_batch(self)
+        for name in ("compare", "pool_with"):
+            for folder in getattr(self, name):
+                if not (REPO / folder).is_dir():
+                    raise ValueError(f"{name}: {folder} is not a folder; give a length run's archive "
+                                     "(e.g. docs/world/length)")
+
+
+def rank_batch(cfg: LengthConfig) -> int:
+    """Per-rank micro batch B / R that keeps the trainer config's global batch B (its ``train_batch_size`` on one
+    rank, after the run's overrides) on R = ``cfg.ranks`` ranks; refuses an R that does not divide B."""
+    from ..config import load_config
+    from ..train.config import TrainConfig
+
+    if cfg.ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {cfg.ranks}")
+    batch = load_config(TrainConfig, str(REPO / cfg.config), list(cfg.overrides)).train_batch_size
+    if batch % cfg.ranks:
+        raise ValueError(f"ranks={cfg.ranks} does not divide {cfg.config}'s train_batch_size {batch}: "
+                         "pick a divisor so the global batch stays the recipe's")
+    return batch // cfg.ranks
 
 
 def ensure_shards(cfg: LengthConfig, out: Path) -> Path:
@@ -99,6 +128,13 @@ def archive_resume_point(out: Path, archive: Path, steps: int, max_mb: float = 8
     return arch.save(out, dest, sorted(p for p in ck.iterdir() if p.is_file()) + [out / "train" / "config.yaml"])
 
 
+def latest_checkpoint(out: Path) -> int | None:
+    """Step of the newest complete checkpoint of the run in ``out`` (None: none)."""
+    from ..train.checkpoint import complete_checkpoints
+
+    return max((step for step, _ in complete_checkpoints(out / "train" / "checkpoints")), default=None)
+
+
 def restore_resume_point(out: Path, archive: Path | None) -> bool:
     """A working folder without the run gets the archived checkpoint (True: restored, so resume with force:
     the stored config names the shards by the absolute path of the checkout that wrote it)."""
@@ -112,8 +148,10 @@ def restore_resume_point(out: Path, archive: Path | None) -> bool:
     return n > 0
 
 
-def train_to(cfg: LengthConfig, out: Path, shards: Path, steps: int, restored: bool = False) -> Path:
-    """Continue the one training run to ``steps`` and keep its exported adapter as ``adapter-<steps>``."""
+def train_to(cfg: LengthConfig, out: Path, shards: Path, steps: int, restored: bool = False,
+             deadline: float | None = None) -> Path | None:
+    """Continue the one training run to ``steps`` and keep its exported adapter as ``adapter-<steps>``; None when
+    ``deadline`` stopped the trainer first (it checkpointed: the next call continues from there)."""
     kept = out / f"adapter-{steps}"
     if (kept / "adapter_config.json").is_file():
         return kept
@@ -121,7 +159,11 @@ def train_to(cfg: LengthConfig, out: Path, shards: Path, steps: int, restored: b
 
     extra = ["logging.progress=false", *cfg.overrides] + (["checkpointing.resume_from_checkpoint=force"] if restored
                                                           else [])
-    launch_train_encoder(cfg.config, shards, out / "train", steps, cfg.port, extra, out / "train.log", cfg.threads)
+    if cfg.ranks > 1:
+        extra.append(f"train_batch_size={rank_batch(cfg)}")
+    if launch_train_encoder(cfg.config, shards, out / "train", steps, cfg.port, extra, out / "train.log",
+                            cfg.threads, cfg.ranks, deadline):
+        return None
     adapter = out / "train" / "adapter"
     done = json.loads((adapter / "adapter_config.json").read_text())
     if done.get("train_steps") != steps:
@@ -162,6 +204,64 @@ def curve(milestones: dict[int, dict]) -> dict:
             "render_ceiling": first.get("render_ceiling"), "chance_top1": first.get("chance_top1")}
 
 
+PAIRED = ("identity_similarity", "retrieval_top1", "context_accuracy", "coupling_rate", "clip_t")
+SAME_JOBS = ("identities", "prompts_per_identity", "scale", "steps", "guidance", "seed")  # eval config fields
+
+
+def _per_person(m: dict, key: str) -> list[float]:
+    return m["arms"]["adapter"][key]["per_run"]
+
+
+def _check_same_jobs(evals: list[dict]) -> None:
+    """Paired or pooled figures only over evaluations of the same people, prompts and noise."""
+    ref = {k: evals[0]["config"].get(k) for k in SAME_JOBS}
+    for m in evals[1:]:
+        other = {k: m["config"].get(k) for k in SAME_JOBS}
+        if other != ref or m.get("identities") != evals[0].get("identities"):
+            raise ValueError(f"evaluations differ in their jobs ({ref} vs {other}): they cannot be paired per person")
+
+
+def paired_runs(mine: dict, theirs: dict) -> dict:
+    """Per person i the difference d_i = x_i - y_i of two adapters' evaluations on the same jobs; per metric
+    {mean, ci95, n, per_run} of d (Student-t over people)."""
+    from .evaluate import mean_ci
+
+    _check_same_jobs([mine, theirs])
+    return {k: mean_ci(np.asarray(_per_person(mine, k)) - np.asarray(_per_person(theirs, k))) for k in PAIRED}
+
+
+def pooled_runs(evals: list[dict]) -> dict:
+    """A recipe's figure over S training seeds: per person i the mean xbar_i = (1/S) sum_s x_{s,i}; per metric
+    {mean, ci95, n, per_run} of xbar (Student-t over people, so the interval is over people at S seeds)."""
+    from .evaluate import mean_ci
+
+    _check_same_jobs(evals)
+    return {k: mean_ci(np.mean([_per_person(m, k) for m in evals], axis=0)) | {"seeds": len(evals)} for k in PAIRED}
+
+
+def load_archive(folder: str | Path) -> dict[int, dict]:
+    """{steps: metrics} of a length run's archive (its steps-N.json files)."""
+    folder = REPO / folder
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such length-run archive (give an archive= folder of run_world_length.py)")
+    return {int(f.stem.split("-")[1]): json.loads(f.read_text()) for f in sorted(folder.glob("steps-*.json"))}
+
+
+def comparisons(done: dict[int, dict], compare: list[str], pool_with: list[str]) -> dict:
+    """Per milestone: paired differences to each run in ``compare`` and the pooled figure with ``pool_with``,
+    where those runs have the same milestone."""
+    out: dict = {}
+    others = {f: load_archive(f) for f in compare}
+    seeds = [load_archive(f) for f in pool_with]
+    for steps, m in sorted(done.items()):
+        row = {f"paired_vs:{f}": paired_runs(m, o[steps]) for f, o in others.items() if steps in o}
+        if seeds and all(steps in s for s in seeds):
+            row["pooled"] = pooled_runs([m] + [s[steps] for s in seeds])
+        if row:
+            out[str(steps)] = row
+    return out
+
+
 def write_plot(c: dict, path: Path) -> Path:
     import matplotlib
 
@@ -194,6 +294,17 @@ def write_plot(c: dict, path: Path) -> Path:
     return path
 
 
+def stopped_at_deadline(cfg: LengthConfig, out: Path, archive: Path | None) -> None:
+    """The run stops between milestones: its newest checkpoint goes to the archive (under the size cap), so that
+    a new checkout continues it from there."""
+    step = latest_checkpoint(out)
+    if step is None or archive is None:
+        return
+    n = archive_resume_point(out, archive, step, cfg.resume_archive_mb)
+    log.info("newest checkpoint: step %d%s; rerun the same command to continue", step,
+             f", archived in {archive / RESUME}" if n else "")
+
+
 def run_length(cfg: LengthConfig) -> dict:
     from ..pipeline import atomic_write_text
 
@@ -211,13 +322,19 @@ def run_length(cfg: LengthConfig) -> dict:
         if steps in done:
             last = steps
             continue
-        if deadline is not None and pace is not None and time.time() + pace * (steps - last) * 1.1 > deadline:
+        if deadline is not None and (time.time() >= deadline or
+                                     pace is not None and time.time() + pace * (steps - last) * 1.1 > deadline):
             log.info("stopping before milestone %d: it would not end before stop_at=%s", steps, cfg.stop_at)
+            stopped_at_deadline(cfg, out, archive)
             break
         shards = ensure_shards(cfg, out)
         restored = restore_resume_point(out, archive) or restored
         tic = time.time()
-        adapter = train_to(cfg, out, shards, steps, restored)
+        adapter = train_to(cfg, out, shards, steps, restored, deadline)
+        if adapter is None:
+            log.info("stop_at=%s reached while training to milestone %d", cfg.stop_at, steps)
+            stopped_at_deadline(cfg, out, archive)
+            break
         pace = (time.time() - tic) / max(steps - last, 1)
         metrics = evaluate(cfg, adapter, out / f"eval-{steps}")
         done[steps] = metrics
@@ -231,6 +348,8 @@ def run_length(cfg: LengthConfig) -> dict:
                  metrics["arms"]["adapter"]["retrieval_top1"]["mean"])
     result = curve(done)
     result["pending"] = [s for s in cfg.milestones if s not in done]
+    if cfg.compare or cfg.pool_with:
+        result["comparisons"] = comparisons(done, cfg.compare, cfg.pool_with)
     for folder in [out] + ([archive] if archive is not None else []):
         atomic_write_text(folder / "curve.json", json.dumps(result, indent=1) + "\n")
         if done:
