@@ -168,9 +168,10 @@ class StopFlag:
 
 
 # ---------------------------------------------------------------- resume config
-# Keys that may change between a run and its resume: how long, how often, what is logged, where.
+# Keys that may change between a run and its resume: how long, how often, what is logged, where, and cost
+# knobs that leave the math alone (the latent cache keeps the per-step draws).
 RESUMABLE_CHANGES = ("max_steps", "output_dir", "pretrained_model_path", "export_format", "checkpointing.",
-                     "logging.", "validation.", "debug.")
+                     "logging.", "validation.", "debug.", "data.latent_cache_mb")
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -324,6 +324,9 @@ def train(cfg: TrainConfig) -> dict:
             parts.identity_loss = load_identity_loss(cfg.losses.id_recognizer, info.recognizer, device)
         except (ValueError, NotImplementedError) as err:
             raise ConfigError(str(err)) from None
+    if cfg.data.latent_cache_mb > 0:
+        from .latent_cache import LatentCache
+        parts.latent_cache = LatentCache(cfg.data.latent_cache_mb)
     info.face_crop_size = face_crop_size(parts)
     model = build_model(cfg, parts)
     parts.base_fingerprint = base_fingerprint(cfg.pretrained_model, parts.path, model.unet)   # before ZeRO partitions
@@ -436,6 +439,8 @@ def train(cfg: TrainConfig) -> dict:
             os.kill(os.getpid(), signal.SIGKILL)       # test hook: a crash, no cleanup
     bar.close()
     stop.restore()
+    if parts.latent_cache is not None:
+        log.info(parts.latent_cache.summary())
     if stopped is None:
         _maybe_kill(cfg, "finish", step)
         _finish(engine, cfg, parts, info, faces, out, step, stream, device)

@@ -117,6 +117,7 @@ class FrozenParts:
     identity_bank: Any = None                   # Portrait: family.portrait.IdentityBank (photos per person)
     reference_bank: Any = None                  # encoder.reference=other_photo: family.reference.ReferenceBank
     identity_loss: Any = None                   # losses.lambda_id > 0: train.identity_loss.IdentityLoss
+    latent_cache: Any = None                    # data.latent_cache_mb > 0: train.latent_cache.LatentCache
 
 
 def _check_tokenizer(tok, where: str):

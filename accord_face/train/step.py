@@ -86,12 +86,16 @@ def prepare_batch(batch: dict, parts: FrozenParts, cfg: TrainConfig, step: int, 
     keys, captions = list(batch["__key__"]), list(batch["caption"])
     # uint8 from the loader (or float in [-1, 1]) -> [-1, 1] on the device, then the VAE's dtype
     pixels = pixels_to_unit_range(batch["pixel_values"].to(device)).to(parts.vae.dtype)  # (B, 3, R, R)
-    dist = parts.vae.encode(pixels).latent_dist
+    if getattr(parts, "latent_cache", None) is not None:                             # data.latent_cache_mb > 0
+        mean, std = parts.latent_cache.posterior(parts.vae, batch["pixel_values"], pixels)  # (B, C, h, w) each
+    else:
+        dist = parts.vae.encode(pixels).latent_dist
+        mean, std = dist.mean, dist.std
     T = parts.scheduler.config.num_train_timesteps
     gens = [sample_generator(cfg.seed, step, k) for k in keys]
     # Sample the VAE posterior with the per-sample generators, not the global RNG (rank independence).
-    z = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in gens]).to(device)
-    x0 = (dist.mean.float() + dist.std.float() * z) * parts.vae.config.scaling_factor     # (B, C, h, w)
+    z = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]).to(device)
+    x0 = (mean.float() + std.float() * z) * parts.vae.config.scaling_factor               # (B, C, h, w)
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
     t = torch.stack([torch.randint(0, T, (), generator=g) for g in gens]).to(device)
     u = torch.stack([torch.rand((), generator=g) for g in gens]).to(device)
