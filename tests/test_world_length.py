@@ -91,6 +91,12 @@ time.sleep(float(sys.argv[2]))
 """
 
 
+LAUNCHER = """
+import subprocess, sys
+sys.exit(subprocess.call([sys.executable, "-c", sys.argv[1], *sys.argv[2:]]))
+"""   # dies at once on SIGTERM, as the deepspeed launcher does: only the leaf may be signalled
+
+
 def test_a_deadline_stops_the_job_with_sigterm_and_is_not_a_failure(tmp_path):
     import time
 
@@ -100,6 +106,10 @@ def test_a_deadline_stops_the_job_with_sigterm_and_is_not_a_failure(tmp_path):
     tic = time.time()
     assert run_until([sys.executable, "-c", CHILD, str(flag), "60"], log, dict(os.environ), deadline=tic + 2) is True
     assert flag.read_text() == "checkpointed" and time.time() - tic < 30 and "training" in log.read_text()
+    flag.unlink()
+    assert run_until([sys.executable, "-c", LAUNCHER, CHILD, str(flag), "60"], log, dict(os.environ),
+                     deadline=time.time() + 2) is True
+    assert flag.read_text() == "checkpointed"                       # the rank got the signal, not the launcher
     assert run_until([sys.executable, "-c", CHILD, str(flag), "0"], log, dict(os.environ), deadline=time.time() + 60) \
         is False                                                    # done before its deadline
     with pytest.raises(subprocess.CalledProcessError):               # a failure of its own is still one

@@ -208,11 +208,37 @@ def launch_train_encoder(config: str, shards: Path, output_dir: Path, steps: int
     return run_until(cmd, log_path, world_env(threads), deadline)
 
 
+def terminate_leaves(pid: int) -> None:
+    """SIGTERM to every process under ``pid`` that has no children of its own (``pid`` itself if it has none)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    leaves = [p for p in tree if not _has_children(p)] or [psutil.Process(pid)]
+    for p in leaves:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _has_children(p) -> bool:
+    import psutil
+
+    try:
+        return bool(p.children())
+    except psutil.NoSuchProcess:
+        return False
+
+
 def run_until(cmd: list[str], log_path: Path, env: dict, deadline: float | None = None, grace_s: float = 120.0
               ) -> bool:
-    """Run ``cmd`` (output appended to ``log_path``); at ``deadline`` send it SIGTERM, and SIGKILL if it is still
-    there ``grace_s`` later. True: stopped at the deadline (its exit code is then the stop's, not a failure);
-    raises CalledProcessError when it fails on its own."""
+    """Run ``cmd`` (output appended to ``log_path``); at ``deadline`` send SIGTERM to the leaves of its process
+    tree (the trainer's ranks, not the launcher: a rank whose launcher is gone stops without a checkpoint), and
+    SIGKILL it if it is still there ``grace_s`` later. True: stopped at the deadline (its exit code is then the
+    stop's, not a failure); raises CalledProcessError when it fails on its own."""
     stopped = False
     with open(log_path, "a") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -224,7 +250,7 @@ def run_until(cmd: list[str], log_path: Path, env: dict, deadline: float | None 
                 if stopped:
                     proc.kill()
                 else:
-                    proc.send_signal(signal.SIGTERM)
+                    terminate_leaves(proc.pid)
                     stopped, deadline = True, time.time() + grace_s
     if rc and not stopped:
         raise subprocess.CalledProcessError(rc, cmd)
