@@ -106,7 +106,7 @@ def test_a_longer_base_arm_trains_and_evaluates_on_its_own_base_and_others_on_th
     launched = {}
     built = []
 
-    def launch(config, shards, out, steps, port, extra, log_path, threads):
+    def launch(config, shards, out, steps, port, extra, log_path, threads, ranks=1):
         launched[out.parent.name] = extra
 
     def longer_base(cfg, steps):
@@ -189,3 +189,23 @@ def test_the_wide_recipe_is_faces_yaml_with_only_the_adapter_size_and_length_cha
     for d in (base, wide):
         d["encoder"].pop("num_tokens"), d["encoder"].pop("hidden_dim"), d.pop("max_steps")
     assert wide == base
+
+
+def test_branches_on_two_ranks_keep_the_global_batch_and_take_the_common_overrides(tmp_path, monkeypatch):
+    from accord_face.world import experiment, length
+
+    seen = {}
+
+    def launch(config, shards, out, steps, port, extra, log_path, threads, ranks=1):
+        seen.update(extra=extra, ranks=ranks, config=config)
+
+    monkeypatch.setattr(experiment, "launch_train_encoder", launch)
+    monkeypatch.setattr(length, "evaluate", lambda *a, **k: {"arms": {}})
+    cfg = capacity.CapacityConfig(out=str(tmp_path / "out"), archive="", config="configs/faces_wide.yaml", ranks=2,
+                                  overrides=["data.latent_cache_mb=64"], arms=["lora16_cosine"])
+    cfg.validate()
+    capacity.run_arm(cfg, "lora16_cosine", tmp_path / "start", tmp_path / "shards")
+    assert seen["ranks"] == 2 and seen["extra"][-1] == "train_batch_size=8"
+    assert seen["extra"].index("data.latent_cache_mb=64") < seen["extra"].index("lora.rank=16")
+    with pytest.raises(ValueError, match="does not divide"):
+        capacity.CapacityConfig(ranks=3).validate()

@@ -103,6 +103,12 @@ class CapacityConfig:
     world_cache: str = field("testbed_out/world_build", help="world build cache of the longer base UNets "
                                                              "(arms of BASE_ARMS)")
     port: int = field(29930, help="rendezvous port of the deepspeed launcher (distinct per concurrent process)")
+    ranks: int = field(1, help="data-parallel trainer processes per branch (CPU: one per core); the config's "
+                               "train_batch_size is split among them, so the global batch stays the recipe's")
+    overrides: list[str] = field(default_factory=list, help="trainer overrides of every branch, before the arm's "
+                                                            "own (e.g. data.latent_cache_mb=64)")
+    length_overrides: list[str] = field(default_factory=list, help="the length run's own trainer overrides "
+                                                                   "(its overrides=[...]), to export its start")
 
     def validate(self) -> None:
         unknown = [a for a in self.arms if a not in ARMS]
@@ -112,6 +118,8 @@ class CapacityConfig:
             raise ValueError(f"scales: {self.scales}; each must be in (0, 4]")
         if self.steps < 1 or self.start < 1:
             raise ValueError("start and steps must be >= 1")
+        from .length import rank_batch
+        rank_batch(self.config, self.overrides, self.ranks)
 
 
 def start_adapter(cfg: CapacityConfig) -> tuple[Path, Path]:
@@ -119,7 +127,7 @@ def start_adapter(cfg: CapacityConfig) -> tuple[Path, Path]:
     from .length import LengthConfig, ensure_shards, restore_resume_point, train_to
 
     lcfg = LengthConfig(out=cfg.length_out, archive=cfg.length_archive, config=cfg.config, threads=cfg.threads,
-                        port=cfg.port)
+                        port=cfg.port, ranks=cfg.ranks, overrides=list(cfg.length_overrides))
     out = Path(cfg.length_out)
     out.mkdir(parents=True, exist_ok=True)
     shards = ensure_shards(lcfg, out)
@@ -175,16 +183,17 @@ def run_arm(cfg: CapacityConfig, arm: str, start: Path, shards: Path, scale: flo
     """Train the branch (unless its adapter is there) and evaluate it at adapter ``scale`` (same people,
     prompts and noise at every scale; scale 1 in ``eval/``, others in ``eval-scale<s>/``)."""
     from .experiment import launch_train_encoder
-    from .length import LengthConfig, evaluate
+    from .length import LengthConfig, evaluate, rank_overrides
 
     folder = Path(cfg.out) / arm
     folder.mkdir(parents=True, exist_ok=True)
     adapter = folder / "train" / "adapter"
     if not trained(cfg, arm):
         base = [f"pretrained_model={longer_base(cfg, BASE_ARMS[arm])}"] if arm in BASE_ARMS else []
+        extra = [f"init_adapter={start}", "logging.progress=false", *base, *cfg.overrides, *ARMS[arm]]
         launch_train_encoder(cfg.config, shards, folder / "train", cfg.steps, cfg.port,
-                             [f"init_adapter={start}", "logging.progress=false", *base, *ARMS[arm]],
-                             folder / "train.log", cfg.threads)
+                             extra + rank_overrides(cfg.config, [*cfg.overrides, *ARMS[arm]], cfg.ranks), folder / "train.log",
+                             cfg.threads, cfg.ranks)
     lcfg = LengthConfig(identities=cfg.identities, eval_steps=cfg.eval_steps, threads=cfg.threads)
     return evaluate(lcfg, adapter, folder / ("eval" if scale == 1.0 else f"eval-scale{scale:g}"), scale)
 

@@ -67,7 +67,7 @@ class LengthConfig:
         if not m or any(b <= a for a, b in zip(m, m[1:])) or m[0] < 1:
             raise ValueError(f"milestones must be positive and increasing, got {m}")
         stop_at.validate(self.stop_at)
-        rank_batch(self)
+        rank_batch(self.config, self.overrides, self.ranks)
         for name in ("compare", "pool_with"):
             for folder in getattr(self, name):
                 if not (REPO / folder).is_dir():
@@ -75,19 +75,24 @@ class LengthConfig:
                                      "(e.g. docs/world/length)")
 
 
-def rank_batch(cfg: LengthConfig) -> int:
+def rank_batch(config: str, overrides: list[str], ranks: int) -> int:
     """Per-rank micro batch B / R that keeps the trainer config's global batch B (its ``train_batch_size`` on one
-    rank, after the run's overrides) on R = ``cfg.ranks`` ranks; refuses an R that does not divide B."""
+    rank, after ``overrides``) on R = ``ranks`` ranks; refuses an R that does not divide B."""
     from ..config import load_config
     from ..train.config import TrainConfig
 
-    if cfg.ranks < 1:
-        raise ValueError(f"ranks must be >= 1, got {cfg.ranks}")
-    batch = load_config(TrainConfig, str(REPO / cfg.config), list(cfg.overrides)).train_batch_size
-    if batch % cfg.ranks:
-        raise ValueError(f"ranks={cfg.ranks} does not divide {cfg.config}'s train_batch_size {batch}: "
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    batch = load_config(TrainConfig, str(REPO / config), list(overrides)).train_batch_size
+    if batch % ranks:
+        raise ValueError(f"ranks={ranks} does not divide {config}'s train_batch_size {batch}: "
                          "pick a divisor so the global batch stays the recipe's")
-    return batch // cfg.ranks
+    return batch // ranks
+
+
+def rank_overrides(config: str, overrides: list[str], ranks: int) -> list[str]:
+    """The trainer overrides that run ``config`` on ``ranks`` ranks at its global batch ([] for one rank)."""
+    return [f"train_batch_size={rank_batch(config, overrides, ranks)}"] if ranks > 1 else []
 
 
 def ensure_shards(cfg: LengthConfig, out: Path) -> Path:
@@ -159,8 +164,7 @@ def train_to(cfg: LengthConfig, out: Path, shards: Path, steps: int, restored: b
 
     extra = ["logging.progress=false", *cfg.overrides] + (["checkpointing.resume_from_checkpoint=force"] if restored
                                                           else [])
-    if cfg.ranks > 1:
-        extra.append(f"train_batch_size={rank_batch(cfg)}")
+    extra += rank_overrides(cfg.config, cfg.overrides, cfg.ranks)
     if launch_train_encoder(cfg.config, shards, out / "train", steps, cfg.port, extra, out / "train.log",
                             cfg.threads, cfg.ranks, deadline):
         return None
