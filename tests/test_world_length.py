@@ -157,3 +157,23 @@ def test_ranks_split_the_recipes_batch_and_refuse_a_non_divisor(tmp_path, monkey
         length.LengthConfig(ranks=3).validate()
     with pytest.raises(ValueError, match="does not divide"):
         length.LengthConfig(ranks=2, overrides=["train_batch_size=5"]).validate()
+
+
+def test_a_milestones_adapter_is_archived_under_its_cap_and_branches_start_from_it(tmp_path, monkeypatch):
+    from accord_face.world import capacity
+
+    adapter = tmp_path / "run" / "adapter-16000"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"train_steps": 16000}')
+    (adapter / "ip_adapter.safetensors").write_bytes(b"\0" * 200_000)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    assert length.archive_adapter(adapter, archive, 16000, max_mb=0.1) is None        # over the cap
+    assert length.archive_adapter(adapter, archive, 16000, max_mb=0) is None          # off
+    kept = length.archive_adapter(adapter, archive, 16000, max_mb=1.0)
+    assert kept == archive / "adapter-16000"
+    assert (kept / "ip_adapter.safetensors").read_bytes() == (adapter / "ip_adapter.safetensors").read_bytes()
+    monkeypatch.setattr(length, "ensure_shards", lambda cfg, out: out / "shards")
+    start, _ = capacity.start_adapter(capacity.CapacityConfig(length_out=str(tmp_path / "fresh"),
+                                                              length_archive=str(archive)))
+    assert start == kept                                             # no retraining in a checkout without the run

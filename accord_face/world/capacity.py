@@ -132,6 +132,9 @@ def start_adapter(cfg: CapacityConfig) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     shards = ensure_shards(lcfg, out)
     kept = out / f"adapter-{cfg.start}"
+    archived = REPO / cfg.length_archive / f"adapter-{cfg.start}"       # length.archive_adapter
+    if not (kept / "adapter_config.json").is_file() and (archived / "adapter_config.json").is_file():
+        kept = archived
     if not (kept / "adapter_config.json").is_file():
         restored = restore_resume_point(out, REPO / cfg.length_archive)
         kept = train_to(lcfg, out, shards, cfg.start, restored)     # at the checkpoint's step: export only

@@ -59,6 +59,9 @@ class LengthConfig:
                                                            "noise): paired per person at the milestones both have")
     pool_with: list[str] = field(default_factory=list, help="archives of other training seeds of this recipe: "
                                                              "per-person mean over the seeds at shared milestones")
+    adapter_archive_mb: float = field(0.0, help="copy each milestone's exported adapter into the archive "
+                                                "(adapter-<steps>/, for branches from it) while at most this many "
+                                                "MB; 0: never")
     resume_archive_mb: float = field(8.0, help="archive the latest checkpoint (so a new checkout continues the run) "
                                                "only while it is at most this many MB; 0: never")
 
@@ -131,6 +134,21 @@ def archive_resume_point(out: Path, archive: Path, steps: int, max_mb: float = 8
         if old.name != ck.name:
             shutil.rmtree(old)
     return arch.save(out, dest, sorted(p for p in ck.iterdir() if p.is_file()) + [out / "train" / "config.yaml"])
+
+
+def archive_adapter(adapter: Path, archive: Path, steps: int, max_mb: float) -> Path | None:
+    """Copy a milestone's exported adapter folder to ``archive/adapter-<steps>`` (atomically) when it is at most
+    ``max_mb``; capacity branches start from it in a checkout without the run (``capacity.start_adapter``)."""
+    size_mb = sum(p.stat().st_size for p in adapter.iterdir() if p.is_file()) / 2**20
+    if max_mb <= 0 or size_mb > max_mb:
+        return None
+    dest = archive / f"adapter-{steps}"
+    tmp = archive / f".adapter-{steps}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(adapter, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.replace(dest)
+    return dest
 
 
 def latest_checkpoint(out: Path) -> int | None:
@@ -347,6 +365,7 @@ def run_length(cfg: LengthConfig) -> dict:
             archive.mkdir(parents=True, exist_ok=True)
             atomic_write_text(archive / f"steps-{steps}.json", json.dumps(metrics, indent=1) + "\n")
             archive_resume_point(out, archive, steps, cfg.resume_archive_mb)
+            archive_adapter(adapter, archive, steps, cfg.adapter_archive_mb)
         log.info("milestone %d: identity similarity %.3f, retrieval top-1 %.3f", steps,
                  metrics["arms"]["adapter"]["identity_similarity"]["mean"],
                  metrics["arms"]["adapter"]["retrieval_top1"]["mean"])
