@@ -50,6 +50,19 @@ def world_batch(n: int) -> dict:
             "face_embedding": torch.from_numpy(emb), "meta": meta}
 
 
+def world_step_setup(config: str = "configs/faces.yaml"):
+    """(cfg, parts, model) of one training step on ``embedded:faces`` under ``config``, on CPU, fp32."""
+    from accord_face.config import load_config
+    from accord_face.tiny import resolve_pretrained
+    from accord_face.train.config import TrainConfig
+    from accord_face.train.models import build_model, load_frozen_parts
+
+    resolve_pretrained("embedded:faces")
+    cfg = load_config(TrainConfig, str(ROOT / config), ["shards=unused"])
+    parts = load_frozen_parts(cfg, torch.device("cpu"), torch.float32, with_clip=True)
+    return cfg, parts, build_model(cfg, parts)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -57,18 +70,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from accord_face.config import load_config
-    from accord_face.tiny import resolve_pretrained
-    from accord_face.train.config import TrainConfig
     from accord_face.train.identity_loss import load_identity_loss
-    from accord_face.train.models import build_model, load_frozen_parts
     from accord_face.train.step import compute_losses, prepare_batch
 
-    resolve_pretrained("embedded:faces")
-    cfg = load_config(TrainConfig, str(ROOT / "configs" / "faces.yaml"), ["shards=unused"])
+    cfg, parts, model = world_step_setup()
     device = torch.device("cpu")
-    parts = load_frozen_parts(cfg, device, torch.float32, with_clip=True)
-    model = build_model(cfg, parts)
     batch = world_batch(a.batch)
     loss_fn = load_identity_loss("auto", {"backend": "world", "name": "world_a", "model_name": "a"}, device)
     variants = {"off": None, "id f=0.5": 0.5, "id f=1.0": 1.0}

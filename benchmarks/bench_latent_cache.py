@@ -26,10 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from benchmarks.bench_identity_loss import world_batch  # noqa: E402
+from benchmarks.bench_identity_loss import world_batch, world_step_setup  # noqa: E402
 from benchmarks.common import load_average, machine, paired_ratios, summary, write_json_atomic  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> int:
@@ -40,19 +39,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from accord_face.config import load_config
-    from accord_face.tiny import resolve_pretrained
-    from accord_face.train.config import TrainConfig
-    from accord_face.train.latent_cache import LatentCache
-    from accord_face.train.models import build_model, load_frozen_parts
-    from accord_face.train.step import compute_losses, prepare_batch
     from accord_face.data import pixels_to_unit_range
+    from accord_face.train.latent_cache import LatentCache
+    from accord_face.train.step import compute_losses, prepare_batch
 
-    resolve_pretrained("embedded:faces")
-    cfg = load_config(TrainConfig, str(ROOT / a.config), ["shards=unused"])
+    cfg, parts, model = world_step_setup(a.config)
     device = torch.device("cpu")
-    parts = load_frozen_parts(cfg, device, torch.float32, with_clip=True)
-    model = build_model(cfg, parts)
     batch = world_batch(a.batch)
     cached = dataclasses.replace(parts, latent_cache=LatentCache(256))
     times: dict[str, list[float]] = {"off": [], "cache": [], "vae encode": []}
